@@ -1,0 +1,1 @@
+"""Hydra config groups, installed as `longtrain_conf` (searched as pkg://longtrain_conf)."""

@@ -1,0 +1,1 @@
+"""Entry points (Hydra apps) and the Ray driver / worker group; installed as `longtrain_launch`."""

@@ -1,0 +1,61 @@
+"""`longtrain-train`: the Hydra app. Compose conf/ -> typed RunConfig -> pre-flight
+validation (fails here, before any worker starts) -> Ray worker group."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from longtrain.observability.progress import render_summary
+from longtrain_launch.store import register_configs, to_run_config
+
+register_configs()
+
+
+def prepare(dcfg: DictConfig):
+    """Typed, checkpoint-resolved, validated config; raises ConfigError on bad input."""
+    from longtrain.checkpoint.hf import apply_init_from
+    from longtrain.config.validate import validate
+
+    cfg = to_run_config(dcfg)
+    cfg = apply_init_from(cfg)
+    validate(cfg)
+    return cfg
+
+
+@hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
+def _app(dcfg: DictConfig) -> dict[str, Any]:
+    from longtrain.config.errors import ConfigError
+    from longtrain.observability.log import configure_logging
+
+    try:
+        cfg = prepare(dcfg)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"longtrain-train: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(log_file=os.path.join(cfg.output_dir, "driver.log"), console=False)
+    from longtrain_launch.driver import run
+
+    print(f"longtrain: {cfg.model.name} model, attention={cfg.attention.backend}, "
+          f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
+          f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps -> {cfg.output_dir}", flush=True)
+    result = run(cfg)
+    extra = {"output": result["output_dir"]}
+    if result.get("wandb_dir"):
+        extra["W&B run"] = f"{result['wandb_dir']} ({cfg.logging.wandb.mode})"
+    if result.get("hf_dir"):
+        extra["HF weights"] = result["hf_dir"]
+    print(render_summary(result, extra=extra), flush=True)
+    return result
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The attention backend interface and its registry.
+
+Shapes: B batch, T local sequence length, Hq query heads, Hkv key/value heads (GQA: Hq is a
+multiple of Hkv), D head dim.
+
+A backend is `fn(q_bthd, k_bthd, v_bthd, meta, ctx) -> out_bthd` with q `[B, T, Hq, D]`,
+k/v `[B, T, Hkv, D]` and out `[B, T, Hq, D]`, all in the input dtype. Every backend computes
+the same function as dense attention on the unsharded sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMeta:
+    """Per-batch facts the mask depends on. Tensors are local to this rank's sequence shard."""
+
+    causal: bool = True
+    # [B, T] int64 true positions (restart per packed document)
+    positions_bt: Optional[torch.Tensor] = None
+    # [B, T] int64 document ids: attention never crosses a document boundary
+    doc_ids_bt: Optional[torch.Tensor] = None
+    # 1/sqrt(D) when None
+    softmax_scale: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Where this rank sits in the context-parallel group and how the sequence is laid out."""
+
+    cp_group: Any = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    layout: str = "zigzag"
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta, AttentionContext],
+                       torch.Tensor]
+
+_REGISTRY: dict[str, AttentionFn] = {}
+# Backends that shard the sequence themselves; the others need cp == 1.
+_SUPPORTS_CP: dict[str, bool] = {}
+
+
+def register_attention(name: str, *, supports_cp: bool) -> Callable[[AttentionFn], AttentionFn]:
+    def wrap(fn: AttentionFn) -> AttentionFn:
+        _REGISTRY[name] = fn
+        _SUPPORTS_CP[name] = supports_cp
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    # Importing the backend modules registers them.
+    from longtrain.attention import dense  # noqa: F401
+
+
+def attention_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def supports_cp(name: str) -> bool:
+    _load_builtin()
+    return _SUPPORTS_CP.get(name, False)
+
+
+def get_attention(name: str) -> AttentionFn:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"attention.backend={name!r} is not one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]

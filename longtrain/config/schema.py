@@ -1,0 +1,170 @@
+"""Typed configuration schema: the single source of defaults.
+
+Hydra composes `conf/` groups on top of these dataclasses (registered in
+`longtrain_launch.store`); the library only ever sees the typed objects. Field names are
+the user-facing contract (`parallel.tp=`, `data.seq_len=`, ...): rename nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder shape. Defaults are the `tiny` preset."""
+
+    name: str = "tiny"
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # None -> hidden_size // num_heads
+    head_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Qwen2-style biases on the q/k/v projections
+    qkv_bias: bool = False
+    max_position_embeddings: int = 4096
+    init_std: float = 0.02
+    # Per-layer attention kind for hybrids (later); empty = every layer uses `attention`.
+    layer_pattern: str = ""
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "dense"
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism; data parallel is derived: dp = world_size / (tp * cp)."""
+
+    world_size: int = 2
+    tp: int = 1
+    cp: int = 1
+    # auto -> nccl when CUDA is available, else gloo
+    backend: str = "auto"
+    # Seconds before a collective that never completes raises instead of hanging.
+    timeout_s: int = 600
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding and context-extension method (names follow transformers' rope_type)."""
+
+    # none | linear | dynamic_ntk | yarn | llama3 | abf
+    scaling: str = "none"
+    theta: float = 10000.0
+    factor: float = 1.0
+    # Training length of the checkpoint being extended; None -> model.max_position_embeddings
+    original_max_position_embeddings: Optional[int] = None
+    # YaRN
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    # Cosine decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    # cosine | constant
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # 0 disables clipping
+    grad_clip: float = 1.0
+    # DeepSpeed ZeRO stage (0 = plain optimizer)
+    zero: int = 0
+
+
+@dataclass
+class DataConfig:
+    # synthetic (more sources: files, hf)
+    source: str = "synthetic"
+    # synthetic task: passkey
+    task: str = "passkey"
+    seq_len: int = 1024
+    # Global batch in sequences; split over DP ranks and micro-batches (gradient accumulation).
+    batch_size: int = 4
+    micro_batch_size: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
+    precision: str = "fp32"
+    seed: int = 1234
+    # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
+    save_hf: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    # local: embedded Ray on this machine; ray: join an existing cluster at `address`
+    kind: str = "local"
+    address: Optional[str] = None
+    # CPU slots per worker actor (and GPUs per worker when CUDA is used)
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    # Seconds the driver waits for the worker group before giving up.
+    timeout_s: int = 3600
+
+
+@dataclass
+class WandbConfig:
+    # online | offline | disabled
+    mode: str = "offline"
+    project: str = "longtrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # log metrics every N steps
+    every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # `init.from=<dir>`: a Hugging Face directory to start from; `init.required` (set by
+    # experiment=extend) refuses to start without one. A dict because `from` is a Python
+    # keyword and cannot be a dataclass field; unknown keys are still refused.
+    init: Dict[str, Any] = field(default_factory=lambda: {"from": None, "required": False})
+    # Where run artifacts go; Hydra sets it to its run directory.
+    output_dir: str = "outputs/latest"
+
+    @property
+    def init_from(self) -> Optional[str]:
+        return self.init.get("from")

@@ -1,0 +1,149 @@
+"""Pre-flight validation: every impossible setting, found before any worker starts.
+
+`problems(cfg)` lists each violated constraint with the fields and values involved;
+`validate(cfg)` raises one `ConfigError` holding all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from longtrain.config.errors import ConfigError
+from longtrain.config.schema import RunConfig
+from longtrain.parallel.dims import ParallelDims
+
+_CHOICES = {
+    "train.precision": ("fp32", "bf16"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.name": ("adamw",),
+    "launcher.kind": ("local", "ray"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+}
+
+
+def _get(cfg: RunConfig, dotted: str) -> object:
+    obj: object = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _model_problems(cfg: RunConfig) -> list[str]:
+    m, tp = cfg.model, cfg.parallel.tp
+    out: list[str] = []
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads"):
+        if getattr(m, name) < 1:
+            out.append(f"model.{name}={getattr(m, name)} must be >= 1")
+    if out:
+        return out
+    if m.num_heads % m.num_kv_heads != 0:
+        out.append(f"model.num_heads={m.num_heads} is not divisible by "
+                   f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be equal)")
+    if tp >= 1:
+        if m.num_heads % tp != 0:
+            out.append(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}")
+        if m.num_kv_heads % tp != 0:
+            out.append(f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tp={tp}")
+        if m.intermediate_size % tp != 0:
+            out.append(f"model.intermediate_size={m.intermediate_size} is not divisible by "
+                       f"parallel.tp={tp}")
+    if m.head_dim is None and m.hidden_size % m.num_heads != 0:
+        out.append(f"model.hidden_size={m.hidden_size} is not divisible by "
+                   f"model.num_heads={m.num_heads}; set model.head_dim")
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    if head_dim % 2 != 0:
+        out.append(f"model head dim {head_dim} must be even for RoPE (model.head_dim)")
+    return out
+
+
+def _rope_problems(cfg: RunConfig) -> list[str]:
+    from longtrain.model.rope import rope_inv_freq
+
+    m = cfg.model
+    head_dim = m.head_dim or max(1, m.hidden_size // max(1, m.num_heads))
+    try:
+        rope_inv_freq(cfg.rope, head_dim=head_dim, max_position_embeddings=m.max_position_embeddings,
+                      seq_len=cfg.data.seq_len)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
+    from longtrain.data.loader import source_problems
+    from longtrain.data.tokenizer import ByteTokenizer
+
+    d, cp = cfg.data, cfg.parallel.cp
+    out = source_problems(d)
+    if d.source == "synthetic" and cfg.model.vocab_size < ByteTokenizer.vocab_size:
+        out.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte "
+                   f"tokenizer's {ByteTokenizer.vocab_size} ids used by data.source=synthetic")
+    if d.seq_len < 1:
+        out.append(f"data.seq_len={d.seq_len} must be >= 1")
+    elif cp >= 1 and d.seq_len % (2 * cp) != 0:
+        out.append(f"data.seq_len={d.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
+                   f"(the zigzag layout cuts the sequence into 2*cp chunks)")
+    if d.micro_batch_size < 1 or d.batch_size < 1:
+        out.append(f"data.batch_size={d.batch_size} and data.micro_batch_size="
+                   f"{d.micro_batch_size} must be >= 1")
+    elif not dims.problems() and d.batch_size % (dims.dp * d.micro_batch_size) != 0:
+        out.append(f"data.batch_size={d.batch_size} is not divisible by data parallel size "
+                   f"{dims.dp} (parallel.world_size / (tp * cp)) * data.micro_batch_size="
+                   f"{d.micro_batch_size}")
+    return out
+
+
+def problems(cfg: RunConfig) -> list[str]:
+    from longtrain.attention.base import attention_names, supports_cp
+
+    dims = ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
+    out = dims.problems()
+    out += _model_problems(cfg)
+    for field, allowed in _CHOICES.items():
+        value = _get(cfg, field)
+        if value not in allowed:
+            out.append(f"{field}={value!r} is not one of {list(allowed)}")
+    backend = cfg.attention.backend
+    if backend not in attention_names():
+        out.append(f"attention.backend={backend!r} is not one of {attention_names()}")
+    elif cfg.parallel.cp > 1 and not supports_cp(backend):
+        out.append(f"attention.backend={backend!r} does not support context parallelism "
+                   f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
+    # RoPE needs a valid head dim; with model problems its own check would only add noise.
+    if not any(p.startswith("model") for p in out):
+        out += _rope_problems(cfg)
+    out += _data_problems(cfg, dims)
+    if cfg.train.steps < 1:
+        out.append(f"train.steps={cfg.train.steps} must be >= 1")
+    if cfg.optim.lr <= 0:
+        out.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.optim.warmup_steps < 0:
+        out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
+    if cfg.optim.zero != 0:
+        out.append(f"optim.zero={cfg.optim.zero} is not available yet; use optim.zero=0")
+    if cfg.logging.every < 1:
+        out.append(f"logging.every={cfg.logging.every} must be >= 1")
+    unknown_init = sorted(set(cfg.init) - {"from", "required"})
+    if unknown_init:
+        out.append(f"init.{unknown_init[0]} is not a known field (init has: from, required)")
+    if cfg.init.get("required") and cfg.init_from is None:
+        out.append("init.from is not set, but this experiment starts from a checkpoint "
+                   "(init.required=true): pass init.from=<Hugging Face model dir>")
+    if cfg.init_from is not None:
+        path = str(cfg.init_from)
+        if not os.path.isdir(path):
+            out.append(f"init.from={path!r} is not a directory")
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            out.append(f"init.from={path!r} has no config.json (expected a Hugging Face "
+                       f"model directory)")
+    return out
+
+
+def validate(cfg: RunConfig) -> ParallelDims:
+    """Raise ConfigError naming every problem; return the validated parallel dims."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found)
+    return ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)

@@ -1,0 +1,60 @@
+"""The W&B adapter (the only module that imports wandb): config, per-step metrics, summary.
+
+Secrets never reach W&B: config values whose key looks like a credential are redacted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Optional
+
+from longtrain.config.schema import WandbConfig
+from longtrain.observability.log import get_logger
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+REDACTED = "***redacted***"
+
+
+def redact(value: Any) -> Any:
+    """Copy of a nested dict/list with credential-like keys' values replaced."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v is not None else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+class WandbRun:
+    """One W&B run for the whole job, owned by the driver."""
+
+    def __init__(self, cfg: WandbConfig, *, config: dict[str, Any], output_dir: str) -> None:
+        self.cfg = cfg
+        self.run: Optional[Any] = None
+        if cfg.mode == "disabled":
+            return
+        import wandb
+
+        os.makedirs(output_dir, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
+            tags=list(cfg.tags) or None, mode=cfg.mode, dir=output_dir, config=redact(config),
+            settings=wandb.Settings(quiet=True, console="off"),
+        )
+
+    @property
+    def directory(self) -> Optional[str]:
+        return None if self.run is None else os.path.dirname(self.run.dir)
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def finish(self, summary: dict[str, Any], *, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        for key, value in summary.items():
+            self.run.summary[key] = value
+        self.run.finish(exit_code=exit_code)
+        get_logger().info("W&B %s run written to %s", self.cfg.mode, self.directory)

@@ -1,0 +1,41 @@
+"""Parallel degrees, validated up front: TP x CP x DP over the world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """World = tp * cp * dp. Rank order follows megatron-core: TP fastest, then CP, then DP."""
+
+    world_size: int
+    tp: int
+    cp: int
+
+    def problems(self) -> list[str]:
+        """Every violated constraint as a message naming fields and values (empty if valid)."""
+        out: list[str] = []
+        for name, value in (("parallel.world_size", self.world_size), ("parallel.tp", self.tp),
+                            ("parallel.cp", self.cp)):
+            if value < 1:
+                out.append(f"{name}={value} must be >= 1")
+        if out:
+            return out
+        if self.world_size % (self.tp * self.cp) != 0:
+            out.append(
+                f"parallel.world_size={self.world_size} is not divisible by "
+                f"parallel.tp * parallel.cp = {self.tp} * {self.cp} = {self.tp * self.cp}"
+            )
+        return out
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.cp)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(tp_rank, cp_rank, dp_rank) of a global rank, megatron-core's order."""
+        return rank % self.tp, (rank // self.tp) % self.cp, rank // (self.tp * self.cp)
+
+    def describe(self) -> str:
+        return f"world={self.world_size} = tp {self.tp} x cp {self.cp} x dp {self.dp}"

@@ -1,0 +1,102 @@
+"""Process groups: torch.distributed + megatron-core parallel_state (TP x CP x DP)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longtrain.parallel.dims import ParallelDims
+
+
+@dataclass
+class ParallelRuntime:
+    """This rank's view of the mesh: its coordinates and the groups it belongs to."""
+
+    dims: ParallelDims
+    rank: int
+    device: torch.device
+    tp_group: Any
+    cp_group: Any
+    dp_group: Any
+    # CP x DP: the group the loss's token count and the gradients are reduced over
+    dp_cp_group: Any
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dims.coords(self.rank)[1]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.coords(self.rank)[2]
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def init_parallel(
+    dims: ParallelDims,
+    *,
+    rank: int,
+    init_method: str,
+    backend: str = "auto",
+    timeout_s: int = 600,
+) -> ParallelRuntime:
+    """Join the world and build megatron-core's TP/CP/DP groups.
+
+    `init_method` is a torch.distributed rendezvous URL (`tcp://host:port` or `file://path`).
+    """
+    problems = dims.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    backend = resolve_backend(backend)
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=dims.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        context_parallel_size=dims.cp,
+        distributed_timeout_minutes=max(1, timeout_s // 60),
+    )
+    return ParallelRuntime(
+        dims=dims,
+        rank=rank,
+        device=device,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def shutdown_parallel() -> None:
+    """Destroy megatron's groups and the default group; safe to call twice."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""AdamW with warmup + cosine, gradient clipping across TP shards, gradient sum over
+CP x DP, and fp32 master weights when the model runs in bf16."""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longtrain.config.schema import OptimConfig
+
+
+def lr_at(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate of (0-based) `step`: linear warmup, then cosine (or constant)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sum_gradients(params: list[nn.Parameter], *, group) -> None:
+    """All-reduce (sum) every gradient over `group` in one flat buffer.
+
+    Sum, not mean: each rank's loss is already divided by the global target count.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def grad_norm(params: list[nn.Parameter], *, tp_group) -> torch.Tensor:
+    """Global L2 norm of the gradients: TP-sharded parameters summed over the TP group,
+    replicated ones counted once."""
+    sharded: torch.Tensor | float = 0.0
+    replicated: torch.Tensor | float = 0.0
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded = sharded + sq
+        else:
+            replicated = replicated + sq
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.stack([torch.as_tensor(sharded, dtype=torch.float64, device=device),
+                         torch.as_tensor(replicated, dtype=torch.float64, device=device)])
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        # Only the sharded part differs between TP ranks.
+        shard_sq = total[:1].clone()
+        dist.all_reduce(shard_sq, group=tp_group)
+        total = torch.cat([shard_sq, total[1:]])
+    return total.sum().sqrt()
+
+
+class Optimizer:
+    """AdamW over fp32 parameters. When the model's parameters are not fp32, the optimizer
+    keeps fp32 master copies and writes rounded values back after each step."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.mixed = any(p.dtype != torch.float32 for p in self.params)
+        self.master = ([p.detach().float().clone() for p in self.params] if self.mixed
+                       else self.params)
+        decay = [m for p, m in zip(self.params, self.master) if p.dim() >= 2]
+        no_decay = [m for p, m in zip(self.params, self.master) if p.dim() < 2]
+        self.inner = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        )
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, step: int, *, tp_group) -> dict[str, float]:
+        """Clip, update with the LR of `step`; returns {'lr', 'grad_norm'}."""
+        norm = float(grad_norm(self.params, tp_group=tp_group))
+        if self.mixed:
+            for p, m in zip(self.params, self.master):
+                m.grad = None if p.grad is None else p.grad.float()
+        scale = 1.0
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            scale = self.cfg.grad_clip / (norm + 1e-6)
+        if scale != 1.0:
+            for m in self.master:
+                if m.grad is not None:
+                    m.grad.mul_(scale)
+        lr = lr_at(step, cfg=self.cfg, total_steps=self.total_steps)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        if self.mixed:
+            for p, m in zip(self.params, self.master):
+                p.copy_(m.to(p.dtype))
+        return {"lr": lr, "grad_norm": norm}

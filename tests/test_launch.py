@@ -1,0 +1,108 @@
+"""The Hydra app: composition, overrides, pre-flight refusal, and a short run through Ray."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+from longtrain_launch.store import register_configs, to_run_config
+
+register_configs()
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="longtrain_conf", version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=["output_dir=/tmp/unused", *overrides])
+    return to_run_config(dcfg)
+
+
+def _cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    # the console script a user runs, from the same environment as the tests
+    script = os.path.join(os.path.dirname(sys.executable), "longtrain-train")
+    return subprocess.run([script, *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def test_defaults_come_from_the_schema():
+    cfg = _compose()
+    assert (cfg.model.name, cfg.attention.backend, cfg.parallel.world_size) == ("tiny", "dense", 2)
+    assert cfg.launcher.kind == "local" and cfg.logging.wandb.mode == "offline"
+    assert cfg.init_from is None
+
+
+def test_overrides_and_presets():
+    cfg = _compose("parallel.tp=2", "model=tiny", "data.seq_len=4096", "train.steps=50")
+    assert (cfg.parallel.tp, cfg.data.seq_len, cfg.train.steps) == (2, 4096, 50)
+    big = _compose("model=8b", "rope=llama3")
+    assert (big.model.hidden_size, big.model.num_kv_heads, big.model.num_layers) == (4096, 8, 32)
+    assert big.rope.scaling == "llama3" and big.rope.theta == 500000.0
+    ext = _compose("experiment=extend", "init.from=/some/dir", "rope.factor=8")
+    assert ext.init_from == "/some/dir" and ext.init["required"] is True
+    assert ext.rope.scaling == "yarn" and ext.rope.factor == 8.0
+
+
+@pytest.mark.parametrize("override", ["foo=1", "model.hidden=3", "parallel.pp=2", "init.frm=/x",
+                                      "train.steps=abc"])
+def test_unknown_or_mistyped_keys_are_refused(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose(override)
+
+
+def test_impossible_layout_fails_before_any_worker(tmp_path):
+    start = time.perf_counter()
+    res = _cli("parallel.world_size=3", "parallel.tp=2", "data.seq_len=1001", "parallel.cp=1",
+               f"output_dir={tmp_path}", timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "parallel.world_size=3" in res.stderr and "parallel.tp * parallel.cp" in res.stderr
+    # nothing was started: no per-rank logs, no W&B run
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "wandb").exists()
+    assert time.perf_counter() - start < 60
+
+    res = _cli("parallel.tp=2", "model.num_kv_heads=1", "model.num_heads=3",
+               f"output_dir={tmp_path}", timeout=120)
+    assert res.returncode == 2
+    assert "model.num_heads=3 is not divisible by parallel.tp=2" in res.stderr
+    assert "model.num_kv_heads=1 is not divisible by parallel.tp=2" in res.stderr
+
+    res = _cli("experiment=extend", f"output_dir={tmp_path}", timeout=120)
+    assert res.returncode == 2 and "init.from" in res.stderr
+
+    res = _cli(f"init.from={tmp_path / 'missing'}", f"output_dir={tmp_path}", timeout=120)
+    assert res.returncode == 2 and "missing" in res.stderr
+
+
+@pytest.mark.slow
+def test_short_run_through_ray_with_two_workers(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("train.steps=40", "data.seq_len=256", "data.batch_size=4", "optim.warmup_steps=5",
+               "logging.progress=false", f"output_dir={out}", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = res.stdout
+    assert "longtrain run summary" in summary
+    start, end = map(float, re.search(r"loss\s+([\d.]+) -> ([\d.]+)", summary).groups())
+    assert end < start * 0.8, summary
+    # one log file per rank, with the rank in every line
+    for rank in (0, 1):
+        text = (out / "logs" / f"rank{rank}.log").read_text()
+        assert f"[rank {rank}]" in text and "step 40" in text
+    # W&B offline run with the config and the loss history
+    runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1
+    blob = open(runs[0], "rb").read()
+    assert b"train/loss" in blob and b"seq_len" in blob
+    # final weights load in transformers
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert hf.config.num_hidden_layers == 4
+    assert json.loads((out / "hf" / "config.json").read_text())["vocab_size"] == 512
