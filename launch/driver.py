@@ -61,7 +61,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 num_cpus=cfg.launcher.cpus_per_worker, num_gpus=cfg.launcher.gpus_per_worker,
                 scheduling_strategy=strategy, name=None,
             ).remote(rank=rank, cfg=cfg))
-        init_method = ray.get(workers[0].rendezvous.remote(), timeout=cfg.launcher.timeout_s)
+        loopback = cfg.launcher.kind == "local"
+        init_method = ray.get(workers[0].rendezvous.remote(loopback=loopback),
+                              timeout=cfg.launcher.timeout_s)
         log.info("worker group: %d ranks, rendezvous %s", world, init_method)
         wandb_run = WandbRun(cfg.logging.wandb, config=dataclasses.asdict(cfg),
                              output_dir=cfg.output_dir)

@@ -26,16 +26,22 @@ class Worker:
         from longtrain.observability.log import configure_logging
 
         _quiet_third_party()
+        if cfg.launcher.kind == "local":
+            # One machine: keep gloo's pair connections on loopback too.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self.rank = rank
         self.cfg = cfg
         self.log_file = os.path.join(cfg.output_dir, "logs", f"rank{rank}.log")
         configure_logging(rank=rank, log_file=self.log_file, console=False)
 
-    def rendezvous(self) -> str:
-        """A `tcp://host:port` on this actor's node with a port free right now (rank 0 only)."""
+    def rendezvous(self, *, loopback: bool) -> str:
+        """A `tcp://host:port` on this actor's node with a port free right now (rank 0 only).
+
+        A single-machine group rendezvous on loopback; a cluster on the node's address.
+        """
         import ray
 
-        host = ray.util.get_node_ip_address()
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = s.getsockname()[1]

@@ -220,7 +220,7 @@ def test_cos_sin_match_llama_rotary_embedding(name: str, rope: RopeConfig, max_p
         )
 
 
-def test_rotary_embedding_keeps_float32_frequencies_under_dtype_cast() -> None:
+def test_rotary_embedding_survives_dtype_cast_and_meta_init() -> None:
     rope = RopeConfig(scaling="yarn", factor=4.0, original_max_position_embeddings=512)
     module = RotaryEmbedding(rope, head_dim=HEAD_DIM, max_position_embeddings=2048)
     expected_f = module.inv_freq.clone()
@@ -228,6 +228,12 @@ def test_rotary_embedding_keeps_float32_frequencies_under_dtype_cast() -> None:
     assert module.inv_freq.dtype == torch.float32
     torch.testing.assert_close(module.inv_freq, expected_f, rtol=0, atol=0)
     assert "inv_freq" not in module.state_dict()
+
+    # Large models are built on the meta device and materialized with to_empty().
+    with torch.device("meta"):
+        lazy = RotaryEmbedding(rope, head_dim=HEAD_DIM, max_position_embeddings=2048)
+    lazy.to_empty(device="cpu")
+    torch.testing.assert_close(lazy.inv_freq, expected_f, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -63,6 +63,9 @@ def _rope_problems(cfg: RunConfig) -> list[str]:
 
     m = cfg.model
     head_dim = m.head_dim or max(1, m.hidden_size // max(1, m.num_heads))
+    if head_dim < 2 or head_dim % 2:
+        # _model_problems already reports a bad head dim; still check the rope fields themselves.
+        head_dim = 64
     try:
         rope_inv_freq(cfg.rope, head_dim=head_dim, max_position_embeddings=m.max_position_embeddings,
                       seq_len=cfg.data.seq_len)
@@ -111,9 +114,8 @@ def problems(cfg: RunConfig) -> list[str]:
     elif cfg.parallel.cp > 1 and not supports_cp(backend):
         out.append(f"attention.backend={backend!r} does not support context parallelism "
                    f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
-    # RoPE needs a valid head dim; with model problems its own check would only add noise.
-    if not any(p.startswith("model") for p in out):
-        out += _rope_problems(cfg)
+    # Always checked: a model problem (say num_heads vs tp) must not hide a bad rope setting.
+    out += _rope_problems(cfg)
     out += _data_problems(cfg, dims)
     if cfg.train.steps < 1:
         out.append(f"train.steps={cfg.train.steps} must be >= 1")

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from longtrain.config.schema import DataConfig
-from longtrain.data.synthetic import passkey_tokens
+from longtrain.data.synthetic import passkey_sample, passkey_tokens
 from longtrain.parallel.layout import split_for_cp
 
 IGNORE_INDEX = -100
@@ -47,6 +47,12 @@ def source_problems(cfg: DataConfig) -> list[str]:
     if cfg.task not in _SOURCES[cfg.source]:
         return [f"data.task={cfg.task!r} is not one of {sorted(_SOURCES[cfg.source])} "
                 f"for data.source={cfg.source!r}"]
+    if cfg.source == "synthetic" and cfg.task == "passkey" and cfg.seq_len >= 1:
+        # The task has a fixed-length intro, needle and question: fail here, not at step 0.
+        try:
+            passkey_sample(seq_len=cfg.seq_len, seed=cfg.seed, index=0)
+        except ValueError as exc:
+            return [str(exc)]
     return []
 
 
@@ -58,7 +64,8 @@ def global_sequences(cfg: DataConfig, indices: list[int]) -> torch.Tensor:
 def shard_sequences(seq_bt1: torch.Tensor, *, cp_size: int, cp_rank: int) -> MicroBatch:
     """Inputs/targets from [B, T+1] ids, then this CP rank's zigzag shard of each."""
     tokens = seq_bt1[:, :-1]
-    labels = seq_bt1[:, 1:]
+    # a copy: at cp=1 a view would alias the tokens, and callers may mask labels in place
+    labels = seq_bt1[:, 1:].clone()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     split = lambda t: split_for_cp(t, cp_size=cp_size, cp_rank=cp_rank, dim=1).contiguous()  # noqa: E731
     return MicroBatch(split(tokens), split(labels), split(positions))

@@ -43,7 +43,7 @@ def passkey_sample(*, seq_len: int, seed: int, index: int,
     filler_len = seq_len + 1 - len(head) - len(needle) - len(tail)
     if filler_len < 0:
         raise ValueError(f"data.seq_len={seq_len} is too short for the passkey task "
-                         f"(needs at least {seq_len + 1 - filler_len})")
+                         f"(needs data.seq_len >= {seq_len - filler_len})")
     filler_text = _FILLER * (filler_len // len(_FILLER) + 1)
     # Start the filler at a random phase so the needle is not always aligned to a sentence.
     phase = rng.randrange(len(_FILLER))

@@ -65,6 +65,23 @@ def _skip_init(_: torch.Tensor) -> None:
     return None
 
 
+def _mark_tensor_parallel(model: nn.Module) -> None:
+    """Tag every TP-sharded weight the way megatron does (`tensor_model_parallel`,
+    `partition_dim`): megatron sets the tags only inside its own initialization, which
+    `perform_initialization=False` skips, and the gradient norm needs them to sum the shards
+    over the TP group."""
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding,
+                                               set_tensor_model_parallel_attributes)
+
+    partition_dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}
+    for module in model.modules():
+        dim = partition_dim.get(type(module))
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32 (as transformers' LlamaRMSNorm)."""
 
@@ -188,6 +205,7 @@ class LlamaModel(nn.Module):
         valid = cfg.vocab_size - tp_rank * local_vocab
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
+        _mark_tensor_parallel(self)
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,

@@ -16,8 +16,8 @@ Shape legend:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ InvFreqFn = Callable[[RopeConfig, int, int, int | None], tuple[torch.Tensor, flo
 
 def _exponents_f(dim: int) -> torch.Tensor:
     # int64 arange then cast, as transformers does, so the float32 values match bit for bit.
-    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    # Explicitly CPU: a model built under `torch.device("meta")` still needs real frequencies.
+    return torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
 
 
 def _plain(
@@ -104,7 +105,8 @@ def _yarn(
     pos_freqs_f = rope.theta ** _exponents_f(dim)
     inv_freq_extrapolation_f = 1.0 / pos_freqs_f
     inv_freq_interpolation_f = 1.0 / (factor * pos_freqs_f)
-    ramp_f = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    dims_f = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+    ramp_f = torch.clamp((dims_f - low) / (high - low), 0, 1)
     # 1 for fast dimensions (kept as trained), 0 for slow ones (interpolated by `factor`).
     extrapolation_f = 1 - ramp_f
     inv_freq_f = (

@@ -34,6 +34,9 @@ class WandbRun:
         self.run: Optional[Any] = None
         if cfg.mode == "disabled":
             return
+        # W&B's own console banner would interleave with the progress bar; the driver prints
+        # where the run went in its summary instead.
+        os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         os.makedirs(output_dir, exist_ok=True)

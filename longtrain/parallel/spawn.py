@@ -23,6 +23,8 @@ from longtrain.parallel.runtime import ParallelRuntime, init_parallel, shutdown_
 def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, args: tuple,
            errors: Any, threads: int) -> None:
     torch.set_num_threads(threads)
+    # Local processes only: keep gloo's pair connections on loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         runtime = init_parallel(dims, rank=rank, init_method=f"file://{store}", backend="gloo",
                                 timeout_s=300)
