@@ -51,20 +51,18 @@ class Worker:
         import torch
 
         from longtrain.observability.log import get_logger
+        from longtrain.parallel.dims import ParallelDims
         from longtrain.parallel.runtime import init_parallel, shutdown_parallel
-        from longtrain.train.loop import train, TrainState
+        from longtrain.train.loop import TrainState, build_model, train
+        from longtrain.train.optim import Optimizer
 
         cfg = self.cfg
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
-        dims = cfg_dims(cfg)
+        dims = ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
         runtime = init_parallel(dims, rank=self.rank, init_method=init_method,
                                 backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
         log = get_logger()
         try:
-            from longtrain.model.llama import LlamaModel  # noqa: F401  (import cost before timing)
-            from longtrain.train.loop import build_model
-            from longtrain.train.optim import Optimizer
-
             model = build_model(cfg, runtime)
             state = TrainState(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
             for metrics in train(cfg, runtime, state=state):
@@ -93,8 +91,3 @@ class Worker:
             last = metrics["step"]
         return last
 
-
-def cfg_dims(cfg: RunConfig):
-    from longtrain.parallel.dims import ParallelDims
-
-    return ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)

@@ -401,9 +401,18 @@ def test_apply_init_from_rope_rules(hf_cases) -> None:
     assert merged.model == ckpt_model and merged.rope == ckpt_rope
     assert base.model.hidden_size == 999, "the input config must not be modified"
 
+    # Extending: the checkpoint's length becomes the scaling's original length, and the
+    # model's max length grows to the training length.
+    long_data = dataclasses.replace(base.data, seq_len=4 * ckpt_model.max_position_embeddings)
     user_yarn = RopeConfig(scaling="yarn", theta=1234.0, factor=4.0, beta_fast=16.0)
-    merged = apply_init_from(dataclasses.replace(base, rope=user_yarn))
-    assert merged.rope == dataclasses.replace(user_yarn, theta=ckpt_rope.theta)
+    merged = apply_init_from(dataclasses.replace(base, rope=user_yarn, data=long_data))
+    assert merged.rope == dataclasses.replace(
+        user_yarn, theta=ckpt_rope.theta,
+        original_max_position_embeddings=ckpt_model.max_position_embeddings)
+    assert merged.model.max_position_embeddings == long_data.seq_len
+    explicit = dataclasses.replace(user_yarn, original_max_position_embeddings=77)
+    assert apply_init_from(dataclasses.replace(base, rope=explicit)).rope.original_max_position_embeddings == 77
 
     user_abf = RopeConfig(scaling="abf", theta=2e6)
-    assert apply_init_from(dataclasses.replace(base, rope=user_abf)).rope == user_abf
+    assert apply_init_from(dataclasses.replace(base, rope=user_abf)).rope == dataclasses.replace(
+        user_abf, original_max_position_embeddings=ckpt_model.max_position_embeddings)

@@ -106,3 +106,42 @@ def test_short_run_through_ray_with_two_workers(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert hf.config.num_hidden_layers == 4
     assert json.loads((out / "hf" / "config.json").read_text())["vocab_size"] == 512
+
+
+@pytest.mark.slow
+def test_extend_a_hugging_face_checkpoint_at_tp2(tmp_path):
+    """experiment=extend from a transformers-saved Llama at TP=2 through Ray: the first step's
+    loss is transformers' loss with the scaled RoPE on the same batch, and the exported
+    config carries the scaling."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from longtrain.config.schema import DataConfig
+    from longtrain.data.loader import global_sequences
+
+    torch.manual_seed(0)
+    src = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(src)
+    out = tmp_path / "run"
+    res = _cli("experiment=extend", f"init.from={src}", "rope.factor=2", "data.seq_len=512",
+               "data.batch_size=2", "train.steps=4", "parallel.tp=2", "logging.wandb.mode=disabled",
+               "logging.progress=false", f"output_dir={out}", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    first = float(re.search(r"first step ([\d.]+)", res.stdout).group(1))
+    assert not (out / "wandb").exists()
+
+    exported = AutoConfig.from_pretrained(out / "hf")
+    rope = exported.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 2.0
+    assert rope["original_max_position_embeddings"] == 256
+    assert exported.max_position_embeddings == 512
+
+    # transformers, original weights + the exported (scaled) config, on step 0's batch
+    ref = AutoModelForCausalLM.from_pretrained(src, config=exported, dtype=torch.float32)
+    batch = global_sequences(DataConfig(seq_len=512), [0, 1])
+    with torch.no_grad():
+        logits = ref(batch[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), batch[:, 1:].reshape(-1))
+    assert abs(first - expected.item()) < 2e-4 * expected.item() + 1e-4, (first, expected.item())

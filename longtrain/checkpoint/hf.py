@@ -479,5 +479,11 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
                                  path, ckpt_rope.scaling, user.scaling)
         scaling = {name: getattr(user, name) for name in _ROPE_SCALING_FIELDS}
         theta = user.theta if user.scaling == "abf" else ckpt_rope.theta
+        if scaling.get("original_max_position_embeddings") is None:
+            # Extending: the checkpoint's trained length is the "original" length the scaling
+            # starts from, and the model now claims the new training length.
+            scaling["original_max_position_embeddings"] = model.max_position_embeddings
         rope = dataclasses.replace(ckpt_rope, theta=theta, **scaling)
+        model = dataclasses.replace(
+            model, max_position_embeddings=max(model.max_position_embeddings, cfg.data.seq_len))
     return dataclasses.replace(cfg, model=model, rope=rope)

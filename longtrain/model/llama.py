@@ -200,7 +200,7 @@ class LlamaModel(nn.Module):
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
         )
         self.rotary = RotaryEmbedding(rope, head_dim=self.shape.head_dim,
-                                      max_position_embeddings=cfg.max_position_embeddings)
+                                      max_position_embeddings=cfg.max_position_embeddings).to(device)
         local_vocab = self.shape.padded_vocab_size // tp
         valid = cfg.vocab_size - tp_rank * local_vocab
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.

@@ -65,7 +65,8 @@ class Progress:
             return
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
                              refresh=False)
-        self.bar.update(1)
+        # metrics arrive every `logging.every` steps: advance to the reported step
+        self.bar.update(int(metrics["step"]) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

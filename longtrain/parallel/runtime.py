@@ -62,7 +62,8 @@ def init_parallel(
         raise ValueError("; ".join(problems))
     backend = resolve_backend(backend)
     if backend == "nccl":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # LOCAL_RANK from torchrun-style launchers; one process per visible GPU otherwise
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
