@@ -50,6 +50,7 @@ class Worker:
     def _steps(self, init_method: str) -> Iterator[dict[str, Any]]:
         import torch
 
+        from longtrain.attention.ulysses import hierarchical_cp_sizes
         from longtrain.observability.log import get_logger
         from longtrain.parallel.dims import ParallelDims
         from longtrain.parallel.runtime import init_parallel, shutdown_parallel
@@ -59,8 +60,11 @@ class Worker:
         cfg = self.cfg
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
         dims = ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
+        cp_sizes = hierarchical_cp_sizes(cfg.attention.backend, cfg.attention.ulysses_degree,
+                                         cfg.parallel.cp)
         runtime = init_parallel(dims, rank=self.rank, init_method=init_method,
-                                backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
+                                backend=cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s,
+                                cp_sizes=cp_sizes)
         log = get_logger()
         try:
             model = build_model(cfg, runtime)

@@ -109,10 +109,10 @@ def test_short_run_through_ray_with_two_workers(tmp_path):
 
 
 @pytest.mark.slow
-def test_extend_a_hugging_face_checkpoint_at_tp2(tmp_path):
-    """experiment=extend from a transformers-saved Llama at TP=2 through Ray: the first step's
-    loss is transformers' loss with the scaled RoPE on the same batch, and the exported
-    config carries the scaling."""
+def test_extend_a_hugging_face_checkpoint_at_tp2_cp2(tmp_path):
+    """experiment=extend from a transformers-saved Llama at TP=2 x CP=2 (ring attention)
+    through Ray: the first step's loss is transformers' loss with the scaled RoPE on the same
+    (unsharded) batch, and the exported config carries the scaling."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -126,7 +126,9 @@ def test_extend_a_hugging_face_checkpoint_at_tp2(tmp_path):
                                  max_position_embeddings=256)).save_pretrained(src)
     out = tmp_path / "run"
     res = _cli("experiment=extend", f"init.from={src}", "rope.factor=2", "data.seq_len=512",
-               "data.batch_size=2", "train.steps=4", "parallel.tp=2", "logging.wandb.mode=disabled",
+               "data.batch_size=2", "train.steps=4", "parallel.world_size=4", "parallel.tp=2",
+               "parallel.cp=2", "attention=ring", "attention.check_every=2",
+               "logging.wandb.mode=disabled",
                "logging.progress=false", f"output_dir={out}", timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     first = float(re.search(r"first step ([\d.]+)", res.stdout).group(1))

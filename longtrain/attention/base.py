@@ -37,6 +37,10 @@ class AttentionContext:
     cp_size: int = 1
     cp_rank: int = 0
     layout: str = "zigzag"
+    # 2-D context parallelism (ulysses_ring): the all-to-all group (consecutive CP ranks) and
+    # the ring group (same position in every all-to-all group)
+    ulysses_group: Any = None
+    ring_group: Any = None
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta, AttentionContext],
@@ -58,7 +62,7 @@ def register_attention(name: str, *, supports_cp: bool) -> Callable[[AttentionFn
 
 def _load_builtin() -> None:
     # Importing the backend modules registers them.
-    from longtrain.attention import dense  # noqa: F401
+    from longtrain.attention import dense, ring, ulysses  # noqa: F401
 
 
 def attention_names() -> list[str]:

@@ -36,7 +36,16 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
+    # dense | ring | ulysses | ulysses_ring
     backend: str = "dense"
+    # ulysses_ring: size of the all-to-all (head) dimension; the ring spans cp / ulysses_degree.
+    # 0 -> ulysses: all of cp; ulysses_ring: 2.
+    ulysses_degree: int = 0
+    # Parity canary: at step 0 and every N steps recompute layer 0's attention densely and
+    # fail if the context-parallel result differs by more than check_tol (0 disables).
+    check_every: int = 0
+    # None -> 1e-4 in fp32, 2e-2 in bf16 (relative to the largest reference value)
+    check_tol: Optional[float] = None
 
 
 @dataclass
@@ -104,6 +113,9 @@ class DataConfig:
     batch_size: int = 4
     micro_batch_size: int = 1
     seed: int = 0
+    # Pack this many documents into each sequence (document ids mask attention across them,
+    # positions restart per document).
+    docs_per_seq: int = 1
 
 
 @dataclass

@@ -125,6 +125,13 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     if cfg.optim.zero != 0:
         out.append(f"optim.zero={cfg.optim.zero} is not available yet; use optim.zero=0")
+    from longtrain.attention.ulysses import ulysses_problems
+
+    out += ulysses_problems(cfg)
+    if cfg.attention.check_every < 0:
+        out.append(f"attention.check_every={cfg.attention.check_every} must be >= 0 (0 disables)")
+    if cfg.attention.check_tol is not None and cfg.attention.check_tol <= 0:
+        out.append(f"attention.check_tol={cfg.attention.check_tol} must be > 0")
     if cfg.logging.every < 1:
         out.append(f"logging.every={cfg.logging.every} must be >= 1")
     unknown_init = sorted(set(cfg.init) - {"from", "required"})

@@ -58,3 +58,26 @@ def passkey_tokens(*, seq_len: int, seed: int, indices: list[int]) -> torch.Tens
     """[len(indices), seq_len + 1] int64 token ids."""
     rows = [passkey_sample(seq_len=seq_len, seed=seed, index=i).ids for i in indices]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def packed_passkey_tokens(*, seq_len: int, seed: int, indices: list[int], docs_per_seq: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several passkey documents packed into each sequence.
+
+    Returns ids and document ids, both [len(indices), seq_len + 1] int64; document j of
+    sample i is passkey sample `i * docs_per_seq + j` of its own (shorter) length.
+    """
+    total = seq_len + 1
+    lengths = [total // docs_per_seq] * docs_per_seq
+    lengths[-1] += total - sum(lengths)
+    ids_rows, doc_rows = [], []
+    for i in indices:
+        ids: list[int] = []
+        docs: list[int] = []
+        for j, length in enumerate(lengths):
+            sample = passkey_sample(seq_len=length - 1, seed=seed, index=i * docs_per_seq + j)
+            ids += sample.ids
+            docs += [j] * length
+        ids_rows.append(ids)
+        doc_rows.append(docs)
+    return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(doc_rows, dtype=torch.long)

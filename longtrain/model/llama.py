@@ -104,6 +104,10 @@ class Attention(nn.Module):
         cfg = shape.cfg
         self.shape = shape
         self.attention = attention
+        # Parity canary (attention.check_every): armed for one call by `arm_parity_check`.
+        self.parity_tol: Optional[float] = None
+        self.parity_armed = False
+        self.last_parity_error: Optional[float] = None
         d = shape.head_dim
         # Fused q|k|v: each TP rank's output rows are [q_local, k_local, v_local].
         self.qkv = ColumnParallelLinear(
@@ -126,6 +130,14 @@ class Attention(nn.Module):
         k_bthd = apply_rotary(k.view(b, t, s.local_kv_heads, d), cos_btd, sin_btd)
         v_bthd = v.view(b, t, s.local_kv_heads, d)
         o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
+        if self.parity_armed:
+            from longtrain.attention.canary import check_parity
+
+            self.parity_armed = False
+            self.last_parity_error = check_parity(
+                q_bthd, k_bthd, v_bthd, o_bthd, meta, ctx, tol=self.parity_tol,
+                backend=getattr(self.attention, "__name__", str(self.attention)),
+                where="layer 0")
         out, _ = self.out(o_bthd.reshape(b, t, s.local_heads * d))
         return out
 
@@ -206,6 +218,11 @@ class LlamaModel(nn.Module):
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
         _mark_tensor_parallel(self)
+
+    def arm_parity_check(self, *, tol: Optional[float]) -> None:
+        """Compare layer 0's next attention call with dense attention (see attention.canary)."""
+        attn = self.layers[0].attn
+        attn.parity_armed, attn.parity_tol, attn.last_parity_error = True, tol, None
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,

@@ -25,6 +25,10 @@ class ParallelRuntime:
     dp_group: Any
     # CP x DP: the group the loss's token count and the gradients are reduced over
     dp_cp_group: Any
+    # 2-D context parallelism (`cp_sizes`): the all-to-all group (consecutive CP ranks) and
+    # the ring group (the same position in every all-to-all group); None otherwise
+    ulysses_group: Any = None
+    ring_group: Any = None
 
     @property
     def tp_rank(self) -> int:
@@ -52,12 +56,21 @@ def init_parallel(
     init_method: str,
     backend: str = "auto",
     timeout_s: int = 600,
+    cp_sizes: tuple[int, int] | None = None,
 ) -> ParallelRuntime:
     """Join the world and build megatron-core's TP/CP/DP groups.
 
     `init_method` is a torch.distributed rendezvous URL (`tcp://host:port` or `file://path`).
+    `cp_sizes=(ulysses, ring)` with ulysses * ring == cp also splits the CP group in two
+    (megatron's hierarchical CP groups): CP ranks u*g .. u*g+u-1 form ulysses group g, and CP
+    ranks p, p+u, p+2u, ... form ring group p.
     """
     problems = dims.problems()
+    if cp_sizes is not None:
+        ulysses, ring = cp_sizes
+        if ulysses < 1 or ring < 1 or ulysses * ring != dims.cp:
+            problems.append(f"cp_sizes=(ulysses={ulysses}, ring={ring}) must be >= 1 and "
+                            f"multiply to parallel.cp={dims.cp}")
     if problems:
         raise ValueError("; ".join(problems))
     backend = resolve_backend(backend)
@@ -81,7 +94,11 @@ def init_parallel(
         tensor_model_parallel_size=dims.tp,
         context_parallel_size=dims.cp,
         distributed_timeout_minutes=max(1, timeout_s // 60),
+        # level 0 is consecutive ranks (the all-to-all), level 1 strides over them (the ring)
+        hierarchical_context_parallel_sizes=list(cp_sizes) if cp_sizes is not None else None,
     )
+    ulysses_group, ring_group = (ps.get_hierarchical_context_parallel_groups()
+                                 if cp_sizes is not None else (None, None))
     return ParallelRuntime(
         dims=dims,
         rank=rank,
@@ -90,6 +107,8 @@ def init_parallel(
         cp_group=ps.get_context_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        ulysses_group=ulysses_group,
+        ring_group=ring_group,
     )
 
 

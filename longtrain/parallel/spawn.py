@@ -21,13 +21,13 @@ from longtrain.parallel.runtime import ParallelRuntime, init_parallel, shutdown_
 
 
 def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, args: tuple,
-           errors: Any, threads: int, backend: str) -> None:
+           errors: Any, threads: int, backend: str, cp_sizes: tuple[int, int] | None) -> None:
     torch.set_num_threads(threads)
     # Local processes only: keep gloo's pair connections on loopback.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         runtime = init_parallel(dims, rank=rank, init_method=f"file://{store}", backend=backend,
-                                timeout_s=300)
+                                timeout_s=300, cp_sizes=cp_sizes)
         try:
             fn(runtime, *args)
         finally:
@@ -38,11 +38,12 @@ def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, ar
 
 
 def run_distributed(fn: Callable[..., Any], *, world_size: int, tp: int = 1, cp: int = 1,
-                    args: tuple = (), threads: int = 1, backend: str = "gloo") -> None:
+                    args: tuple = (), threads: int = 1, backend: str = "gloo",
+                    cp_sizes: tuple[int, int] | None = None) -> None:
     """Spawn `world_size` processes running `fn(runtime, *args)`; raise on any failure.
 
     `fn` must be a module-level function (it is pickled into the children). backend="nccl"
-    puts rank r on GPU r.
+    puts rank r on GPU r. `cp_sizes=(ulysses, ring)` also builds the 2-D CP sub-groups.
     """
     dims = ParallelDims(world_size=world_size, tp=tp, cp=cp)
     ctx = mp.get_context("spawn")
@@ -50,7 +51,8 @@ def run_distributed(fn: Callable[..., Any], *, world_size: int, tp: int = 1, cp:
     with tempfile.TemporaryDirectory(prefix="longtrain-dist-") as tmp:
         store = os.path.join(tmp, "store")
         try:
-            mp.start_processes(_entry, args=(fn, dims, store, args, errors, threads, backend),
+            mp.start_processes(_entry,
+                               args=(fn, dims, store, args, errors, threads, backend, cp_sizes),
                                nprocs=world_size, join=True, start_method="spawn")
         except mp.ProcessRaisedException as exc:
             details = []

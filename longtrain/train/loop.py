@@ -48,7 +48,8 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime) -> LlamaModel:
 
 def attention_context(runtime: ParallelRuntime) -> AttentionContext:
     return AttentionContext(cp_group=runtime.cp_group, cp_size=runtime.dims.cp,
-                            cp_rank=runtime.cp_rank)
+                            cp_rank=runtime.cp_rank, ulysses_group=runtime.ulysses_group,
+                            ring_group=runtime.ring_group)
 
 
 @dataclass
@@ -82,6 +83,9 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
         targets = reduce_sum(sum(mb.num_targets for mb in micro), group=runtime.dp_cp_group,
                              device=runtime.device)
         optimizer.zero_grad()
+        check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
+        if check:
+            model.arm_parity_check(tol=cfg.attention.check_tol)
         loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for mb in micro:
             logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
@@ -94,7 +98,11 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
         global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group, device=runtime.device) / targets
         dt = time.perf_counter() - t0
         state.step += 1
+        extra = {}
+        if check:
+            extra["attn_parity_err"] = model.layers[0].attn.last_parity_error
         yield {
+            **extra,
             "step": state.step,
             "loss": global_loss,
             "lr": stats["lr"],

@@ -1,0 +1,146 @@
+"""One block of attention with its log-sum-exp: the unit ring attention is made of.
+
+Legend: B batch, H heads (Hq query, Hkv key/value; GQA when they differ), Tq query rows and
+Tk key columns of this block, D head dim. Tensors here are `[B, H, T, D]` (heads before
+time, as the fused kernels want them); LSE is `[B, Hq, Tq]` float32.
+
+`block_forward` returns (out, lse) where rows with no allowed key have out 0 and lse -inf,
+so blocks merge with `merge_block` whatever order they arrive in. `block_backward` takes the
+*merged* (global) out and lse, which is what makes per-block gradients sum to the exact
+gradient of the whole attention.
+
+On CPU the blocks run on ATen's fused flash kernel for CPU (which accepts GQA and an additive
+mask); on CUDA on our Triton kernel when available, else on the plain PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merging and accumulation precision: float32, or float64 for float64 inputs (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _doc_mask(q_doc_bt: torch.Tensor, k_doc_bt: torch.Tensor, *, causal: bool,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive mask [B, 1, Tq, Tk] and the rows that have at least one allowed key [B, Tq]."""
+    allowed = q_doc_bt[:, :, None] == k_doc_bt[:, None, :]
+    if causal:
+        tq, tk = allowed.shape[1:]
+        allowed = allowed & torch.ones(tq, tk, dtype=torch.bool, device=allowed.device).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, float("-inf"))
+    return mask[:, None], allowed.any(dim=-1)
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    if q.device.type != "cuda":
+        return False
+    from longtrain_kernels.flash_attn import available
+
+    return available()
+
+
+def block_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,
+                  scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor] = None,
+                  k_doc_bt: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Tq, D] input dtype, lse [B, Hq, Tq] float32) of one block.
+
+    `causal` masks key j > query i within the block (square blocks on the diagonal only).
+    """
+    if _use_triton(q_bhtd):
+        from longtrain_kernels.flash_attn import flash_block_forward
+
+        out_bthd, lse = flash_block_forward(
+            q_bhtd.transpose(1, 2), k_bhtd.transpose(1, 2), v_bhtd.transpose(1, 2), scale=scale,
+            causal=causal, q_offset=0, k_offset=0, q_doc=q_doc_bt, k_doc=k_doc_bt)
+        return out_bthd.transpose(1, 2), lse
+    if q_bhtd.device.type != "cpu":
+        return _naive_forward(q_bhtd, k_bhtd, v_bhtd, scale=scale, causal=causal,
+                              q_doc_bt=q_doc_bt, k_doc_bt=k_doc_bt)
+    if q_doc_bt is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_bhtd, k_bhtd, v_bhtd, 0.0, causal, scale=scale)
+        return out, lse.to(acc_dtype(q_bhtd.dtype))
+    mask, has_key_bt = _doc_mask(q_doc_bt, k_doc_bt, causal=causal, dtype=q_bhtd.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_bhtd, k_bhtd, v_bhtd, 0.0, False, attn_mask=mask, scale=scale)
+    # ATen reports lse 0 for a row with no allowed key; merging needs -inf there.
+    lse = lse.to(acc_dtype(q_bhtd.dtype)).masked_fill(~has_key_bt[:, None, :], float("-inf"))
+    return out, lse
+
+
+def block_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
+                   v_bhtd: torch.Tensor, out_bhtd: torch.Tensor, lse_bht: torch.Tensor, *,
+                   scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor] = None,
+                   k_doc_bt: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one block given the merged out and lse of the query rows."""
+    if _use_triton(q_bhtd):
+        from longtrain_kernels.flash_attn import flash_block_backward
+
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        dq, dk, dv = flash_block_backward(
+            t(dout_bhtd), t(q_bhtd), t(k_bhtd), t(v_bhtd), t(out_bhtd), lse_bht, scale=scale,
+            causal=causal, q_offset=0, k_offset=0, q_doc=q_doc_bt, k_doc=k_doc_bt)
+        return t(dq), t(dk), t(dv)
+    if q_bhtd.device.type != "cpu":
+        return _naive_backward(dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse_bht, scale=scale,
+                               causal=causal, q_doc_bt=q_doc_bt, k_doc_bt=k_doc_bt)
+    lse = lse_bht.to(acc_dtype(q_bhtd.dtype))
+    if q_doc_bt is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse, 0.0, causal, scale=scale)
+    mask, _ = _doc_mask(q_doc_bt, k_doc_bt, causal=causal, dtype=q_bhtd.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def any_allowed(q_doc_bt: Optional[torch.Tensor], k_doc_bt: Optional[torch.Tensor]) -> bool:
+    """False when no query of the block shares a document with any key: skip the block."""
+    if q_doc_bt is None or k_doc_bt is None:
+        return True
+    # Documents are contiguous runs, so comparing the id sets is enough.
+    return bool(torch.isin(q_doc_bt.reshape(-1), k_doc_bt.reshape(-1)).any())
+
+
+def merge_block(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
+                lse_blk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online-softmax merge in the accumulators' precision (float32, or float64 for float64):
+    out [B, H, T, D], lse [B, H, T]."""
+    lse_new = torch.logaddexp(lse_acc, lse_blk)
+    # Rows still without any key keep lse -inf; shift them by 0 so the weights are 0, not NaN.
+    shift = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
+    w_acc = torch.exp(lse_acc - shift)[..., None]
+    w_blk = torch.exp(lse_blk - shift)[..., None]
+    return out_acc * w_acc + out_blk.to(out_acc.dtype) * w_blk, lse_new
+
+
+def _naive_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,
+                   scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor],
+                   k_doc_bt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from longtrain_kernels.flash_attn.naive import attention_block_naive
+
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    out, lse = attention_block_naive(t(q_bhtd), t(k_bhtd), t(v_bhtd), scale=scale, causal=causal,
+                                     q_doc=q_doc_bt, k_doc=k_doc_bt)
+    return t(out), lse.to(acc_dtype(q_bhtd.dtype))
+
+
+def _naive_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
+                    v_bhtd: torch.Tensor, out_bhtd: torch.Tensor, lse_bht: torch.Tensor, *,
+                    scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor],
+                    k_doc_bt: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from longtrain_kernels.flash_attn.naive import attention_block_naive_backward
+
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    dq, dk, dv = attention_block_naive_backward(
+        t(dout_bhtd), t(q_bhtd), t(k_bhtd), t(v_bhtd), t(out_bhtd), lse_bht, scale=scale,
+        causal=causal, q_doc=q_doc_bt, k_doc=k_doc_bt)
+    return t(dq), t(dk), t(dv)

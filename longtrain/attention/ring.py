@@ -1,0 +1,191 @@
+"""Ring attention over the context-parallel group, zigzag layout.
+
+Legend: B batch, H heads (Hq query, Hkv key/value), T this rank's local length (two zigzag
+chunks of T/2), D head dim; internal tensors are `[B, H, T, D]`, LSE `[B, H, T]` fp32.
+
+Forward: K/V (and document ids) travel around the ring; while the next block is in flight
+(async isend/irecv) the current one is attended and merged by LSE in fp32. With the zigzag
+layout (rank r holds chunks r and 2*CP-1-r), the block that came from rank s is:
+  s == r: causal over the local sequence;
+  s <  r: every local query vs the first half of the keys (the second half is in the future);
+  s >  r: the second half of the queries vs every key (the first half sees nothing);
+so every rank does the same work and fully masked blocks are never computed.
+
+Backward: K/V travel the ring again; each rank computes its block's dQ (kept) and dK/dV,
+which travel with their block and reach the owner after a full cycle. Block gradients use
+the merged out and LSE, so their sum is the exact gradient of dense attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
+from longtrain.attention.blocks import (acc_dtype, any_allowed, block_backward, block_forward,
+                                       merge_block)
+
+
+class RingComm:
+    """Send to the next rank and receive from the previous one, asynchronously."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        ranks = dist.get_process_group_ranks(group)
+        self.next = ranks[(self.rank + 1) % self.world]
+        self.prev = ranks[(self.rank - 1) % self.world]
+        self._pending: list = []
+
+    def start(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Post the exchange of `tensors`; returns the receive buffers (valid after `wait`)."""
+        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
+        self._pending += dist.batch_isend_irecv(ops)
+        return recv
+
+    def wait(self) -> None:
+        for req in self._pending:
+            req.wait()
+        self._pending = []
+
+
+def _block_plan(src: int, rank: int, t: int, *, causal: bool) -> tuple[slice, slice, bool]:
+    """(query rows, key columns, causal-within-block) of the block from rank `src`."""
+    everything = slice(0, t)
+    if not causal:
+        return everything, everything, False
+    if src == rank:
+        return everything, everything, True
+    if src < rank:
+        return everything, slice(0, t // 2), False
+    return slice(t // 2, t), everything, False
+
+
+def _doc(doc_bt: Optional[torch.Tensor], sl: slice) -> Optional[torch.Tensor]:
+    return None if doc_bt is None else doc_bt[:, sl]
+
+
+def _with_doc(tensors: list[torch.Tensor], doc_bt: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return tensors if doc_bt is None else [*tensors, doc_bt]
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, scale: float,
+                 causal: bool, doc_bt: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, T, D], lse [B, Hq, T]) in the accumulation dtype, on `[B, H, T, D]` inputs."""
+    comm = RingComm(group)
+    b, h, t, d = q.shape
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(b, h, t, d, dtype=acc, device=q.device)
+    lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
+    k_cur, v_cur, kdoc_cur = k, v, doc_bt
+    for step in range(comm.world):
+        if step + 1 < comm.world:
+            incoming = comm.start(_with_doc([k_cur, v_cur], kdoc_cur))
+        src = (comm.rank - step) % comm.world
+        rows, cols, blk_causal = _block_plan(src, comm.rank, t, causal=causal)
+        q_doc, k_doc = _doc(doc_bt, rows), _doc(kdoc_cur, cols)
+        if any_allowed(q_doc, k_doc):
+            o_blk, lse_blk = block_forward(q[:, :, rows], k_cur[:, :, cols], v_cur[:, :, cols],
+                                           scale=scale, causal=blk_causal, q_doc_bt=q_doc,
+                                           k_doc_bt=k_doc)
+            out[:, :, rows], lse[:, :, rows] = merge_block(out[:, :, rows], lse[:, :, rows],
+                                                           o_blk, lse_blk)
+        if step + 1 < comm.world:
+            comm.wait()
+            k_cur, v_cur = incoming[0], incoming[1]
+            kdoc_cur = incoming[2] if doc_bt is not None else None
+    return out, lse
+
+
+def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, *, group, scale: float, causal: bool,
+                  doc_bt: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in `[B, H, T, D]`, accumulation dtype, for this rank's q and own k/v."""
+    kv_comm, dkv_comm = RingComm(group), RingComm(group)
+    t = q.shape[2]
+    acc = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    k_cur, v_cur, kdoc_cur = k, v, doc_bt
+    # dK/dV of the block we hold, accumulated over the ranks that held it before us
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for step in range(kv_comm.world):
+        if step + 1 < kv_comm.world:
+            incoming = kv_comm.start(_with_doc([k_cur, v_cur], kdoc_cur))
+        src = (kv_comm.rank - step) % kv_comm.world
+        rows, cols, blk_causal = _block_plan(src, kv_comm.rank, t, causal=causal)
+        q_doc, k_doc = _doc(doc_bt, rows), _doc(kdoc_cur, cols)
+        blk = None
+        if any_allowed(q_doc, k_doc):
+            blk = block_backward(dout[:, :, rows], q[:, :, rows], k_cur[:, :, cols],
+                                 v_cur[:, :, cols], out[:, :, rows], lse[:, :, rows], scale=scale,
+                                 causal=blk_causal, q_doc_bt=q_doc, k_doc_bt=k_doc)
+        if step > 0:
+            # the accumulated dK/dV of this block arrive from the previous holder
+            dkv_comm.wait()
+            dk_acc, dv_acc = dkv_in
+        if blk is not None:
+            dq[:, :, rows] += blk[0].to(acc)
+            dk_acc[:, :, cols] += blk[1].to(acc)
+            dv_acc[:, :, cols] += blk[2].to(acc)
+        # pass them on with the block; after the last step this returns them to their owner
+        if kv_comm.world > 1:
+            dkv_in = dkv_comm.start([dk_acc, dv_acc])
+        if step + 1 < kv_comm.world:
+            kv_comm.wait()
+            k_cur, v_cur = incoming[0], incoming[1]
+            kdoc_cur = incoming[2] if doc_bt is not None else None
+    if kv_comm.world == 1:
+        return dq, dk_acc, dv_acc
+    dkv_comm.wait()
+    dk, dv = dkv_in
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal):
+        # one contiguous [B, H, T, D] copy: blocks are sliced from it and K/V are sent as is
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q_bthd, k_bthd, v_bthd))
+        out32, lse = ring_forward(q, k, v, group=group, scale=scale, causal=causal, doc_bt=doc_bt)
+        out = out32.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, doc_bt)
+        ctx.group, ctx.scale, ctx.causal = group, scale, causal
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout_bthd):
+        q, k, v, out, lse, doc_bt = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout_bthd.transpose(1, 2).contiguous(), q, k, v, out, lse, group=ctx.group,
+                                   scale=ctx.scale, causal=ctx.causal, doc_bt=doc_bt)
+        cast = lambda g, like: g.to(like.dtype).transpose(1, 2)  # noqa: E731
+        return cast(dq, q), cast(dk, k), cast(dv, v), None, None, None, None
+
+
+def ring_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor, *,
+                      group, causal: bool = True, scale: Optional[float] = None,
+                      doc_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Ring attention on this rank's zigzag shard.
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] (GQA: K/V travel with Hkv heads), doc_bt [B, T] int64
+    document ids of the local tokens (None: one document). Returns [B, T, Hq, D] in q's dtype.
+    """
+    scale = q_bthd.shape[-1] ** -0.5 if scale is None else scale
+    return _RingAttention.apply(q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal)
+
+
+@register_attention("ring", supports_cp=True)
+def ring_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
+                   meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+    """`attention=ring`: the attention backend interface (shapes as in attention.base)."""
+    if ctx.layout != "zigzag":
+        raise ValueError(f"ring attention needs the zigzag layout, got {ctx.layout!r}")
+    return ring_attention_fn(q_bthd, k_bthd, v_bthd, group=ctx.cp_group, causal=meta.causal,
+                             scale=meta.softmax_scale, doc_bt=meta.doc_ids_bt)
