@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import BF16_RTOL, rel_err
 from longtrain.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.gpu,
@@ -61,3 +61,34 @@ def test_model_and_training_on_cuda_match_cpu(tmp_path):
     losses = saved["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+def _ring_on_cuda(runtime, out_path: str) -> None:
+    from attention_reference import random_docs, reference_attention
+    from longtrain.attention.ring import ring_attention_fn
+
+    gen = torch.Generator().manual_seed(7)
+    b, t, hq, hkv, d = 2, 1000, 8, 2, 64
+    q, k, v, dout = (torch.randn(b, t, h, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    doc = random_docs(b, t, gen=gen)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, causal=True, doc_bt=doc)
+    ref.backward(dout.double())
+    mine = [x.to(runtime.device, torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out = ring_attention_fn(*mine, group=runtime.cp_group, causal=True,
+                            doc_bt=doc.to(runtime.device))
+    out.backward(dout.to(runtime.device, torch.bfloat16))
+    errs = {"out": rel_err(out.float().cpu(), ref.detach())}
+    for n, x, r in zip("qkv", mine, ref_in):
+        errs[f"d{n}"] = rel_err(x.grad.float().cpu(), r.grad)
+    torch.save(errs, out_path)
+
+
+def test_ring_blocks_run_on_the_triton_kernel(tmp_path):
+    from longtrain_kernels.flash_attn import available
+
+    assert available()
+    out = os.path.join(tmp_path, "ring.pt")
+    run_distributed(_ring_on_cuda, world_size=1, backend="nccl", args=(out,))
+    errs = torch.load(out, weights_only=True)
+    assert max(errs.values()) < BF16_RTOL, errs
