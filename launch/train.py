@@ -17,14 +17,16 @@ register_configs()
 
 
 def prepare(dcfg: DictConfig):
-    """Typed, checkpoint-resolved, validated config; raises ConfigError on bad input."""
+    """Typed, checkpoint-resolved, validated config with its data prepared (a corpus is
+    tokenized and packed here, on the driver); raises ConfigError on bad input."""
     from longtrain.checkpoint.hf import apply_init_from
     from longtrain.config.validate import validate
+    from longtrain.data.prepare import prepare_data
 
     cfg = to_run_config(dcfg)
     cfg = apply_init_from(cfg)
     validate(cfg)
-    return cfg
+    return prepare_data(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
@@ -38,7 +40,12 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
         print(f"longtrain-train: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(log_file=os.path.join(cfg.output_dir, "driver.log"), console=False)
+    from longtrain.data.prepare import describe_data
     from longtrain_launch.driver import run
+
+    data_line = describe_data(cfg)
+    if data_line:
+        print(f"longtrain: {data_line}", flush=True)
 
     print(f"longtrain: {cfg.model.name} model, attention={cfg.attention.backend}, "
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "

@@ -50,11 +50,16 @@ def reference_curve(tmp_path_factory) -> list[float]:
 
 
 @pytest.mark.parametrize("backend,world,tp,cp", [("ring", 2, 1, 2), ("ring", 4, 1, 4),
-                                                 ("ring", 4, 2, 2), ("ulysses", 2, 1, 2)],
-                         ids=["ring-cp2", "ring-cp4", "ring-tp2xcp2", "ulysses-cp2"])
+                                                 ("ring", 4, 2, 2), ("ulysses", 2, 1, 2),
+                                                 ("ulysses_ring", 4, 1, 4)],
+                         ids=["ring-cp2", "ring-cp4", "ring-tp2xcp2", "ulysses-cp2",
+                              "ulysses2xring2"])
 def test_cp_training_matches_cp1_loss_curve(reference_curve, tmp_path, backend, world, tp, cp):
+    from longtrain.attention.ulysses import hierarchical_cp_sizes
+
     path = os.path.join(tmp_path, "m.pt")
-    run_distributed(_train_curve, world_size=world, tp=tp, cp=cp, args=(backend, 5, path))
+    run_distributed(_train_curve, world_size=world, tp=tp, cp=cp, args=(backend, 5, path),
+                    cp_sizes=hierarchical_cp_sizes(backend, 0, cp))
     metrics = torch.load(path, weights_only=False)
     losses = [m["loss"] for m in metrics]
     assert len(losses) == STEPS

@@ -104,18 +104,57 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic (more sources: files, hf)
+    # synthetic | files (data.path) | hf (data.name): the `data=` group sets it
     source: str = "synthetic"
-    # synthetic task: passkey
+    # synthetic task: passkey | multikey_needle | assoc_recall
     task: str = "passkey"
     seq_len: int = 1024
     # Global batch in sequences; split over DP ranks and micro-batches (gradient accumulation).
     batch_size: int = 4
     micro_batch_size: int = 1
+    # Document shuffle, upsampling draws, synthetic samples and the order of later epochs.
     seed: int = 0
-    # Pack this many documents into each sequence (document ids mask attention across them,
-    # positions restart per document).
+    # synthetic: pack this many documents into each sequence (document ids mask attention
+    # across them, positions restart per document).
     docs_per_seq: int = 1
+    # files: a file, a directory (searched recursively) or a glob of .jsonl / .json / .parquet
+    # record files and .txt / .md documents
+    path: Optional[str] = None
+    # hf: a dataset name on the hub (or a local dataset directory), its subset and split
+    name: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    # the record field holding the document text
+    text_field: str = "text"
+    # a record field naming each document's domain for the upsampling mixture; None: every
+    # record file is a domain (plain-text documents: their folder)
+    domain_field: Optional[str] = None
+    # "byte", or a Hugging Face tokenizer directory (e.g. the checkpoint's: ${init.from})
+    tokenizer: str = "byte"
+    # hf: read the dataset as a stream (sequential; a resume re-reads and skips what was used)
+    streaming: bool = False
+    # stream shuffle buffer, in documents
+    shuffle_buffer: int = 10000
+    # tokenizer processes of datasets.map; None: min(8, CPU count), 1 for small corpora
+    num_proc: Optional[int] = None
+    # wrap every document as [BOS] tokens [EOS] (skipped if the tokenizer has no such token)
+    add_bos: bool = True
+    add_eos: bool = True
+    # shuffle documents (with data.seed) before packing
+    shuffle: bool = True
+    # Length upsampling for long-context continual training: within each domain, documents
+    # longer than `upsample_threshold` tokens are drawn `upsample_factor` times as often as
+    # the others, and the domain keeps its token count (so the domain mix is unchanged).
+    # 0 disables.
+    upsample_threshold: int = 0
+    upsample_factor: float = 1.0
+    # where tokenized and packed corpora are cached (shared by every rank and node);
+    # None: $XDG_CACHE_HOME/longtrain/data (~/.cache/longtrain/data)
+    cache_dir: Optional[str] = None
+    # steps of micro-batches built ahead by a background thread (0: build in the step)
+    prefetch: int = 2
+    # Set by the driver's preparation: the packed corpus directory workers memory-map.
+    packed: Optional[str] = None
 
 
 @dataclass

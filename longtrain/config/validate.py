@@ -76,13 +76,20 @@ def _rope_problems(cfg: RunConfig) -> list[str]:
 
 def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
     from longtrain.data.loader import source_problems
-    from longtrain.data.tokenizer import ByteTokenizer
+    from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
 
     d, cp = cfg.data, cfg.parallel.cp
     out = source_problems(d)
-    if d.source == "synthetic" and cfg.model.vocab_size < ByteTokenizer.vocab_size:
-        out.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte "
-                   f"tokenizer's {ByteTokenizer.vocab_size} ids used by data.source=synthetic")
+    if not tokenizer_problems(d.tokenizer):
+        try:
+            vocab = load_tokenizer(d.tokenizer).vocab_size
+        except ValueError as exc:
+            if str(exc) not in out:
+                out.append(str(exc))
+        else:
+            if cfg.model.vocab_size < vocab:
+                out.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                           f"{vocab} ids of data.tokenizer={d.tokenizer!r}")
     if d.seq_len < 1:
         out.append(f"data.seq_len={d.seq_len} must be >= 1")
     elif cp >= 1 and d.seq_len % (2 * cp) != 0:

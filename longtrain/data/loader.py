@@ -1,19 +1,25 @@
 """Global batch -> this DP rank's micro-batches -> this CP rank's sequence shard.
 
 Sample `step * batch_size + j` of the global stream is sequence j of step `step`; DP rank d
-takes the d-th contiguous slice of the batch. Everything is a function of (seed, step), so a
-run resumes at any step exactly.
+takes the d-th contiguous slice of the batch. Every source addresses global sequence i
+directly: synthetic tasks generate it from (seed, i), a packed corpus reads a fixed slice of
+its memory-mapped tokens (`packed.py`), a stream reads forward to it (`streaming.py`). So
+everything is a function of (seed, step) and a run resumes at any step exactly: the position
+to store in a checkpoint is the step (`data_state`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
 from longtrain.config.schema import DataConfig
-from longtrain.data.synthetic import packed_passkey_tokens, passkey_sample, passkey_tokens
+from longtrain.data.prefetch import prefetch
+from longtrain.data.synthetic import TASKS, packed_task_tokens, task_problems, task_tokens
+from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
 from longtrain.parallel.layout import split_for_cp
 
 IGNORE_INDEX = -100
@@ -38,37 +44,92 @@ class MicroBatch:
         return int((self.labels_bt != IGNORE_INDEX).sum())
 
 
-_SOURCES = {"synthetic": {"passkey": passkey_tokens}}
+SOURCES = ("synthetic", "files", "hf")
+
+
+def _synthetic_problems(cfg: DataConfig) -> list[str]:
+    if cfg.task not in TASKS:
+        return [f"data.task={cfg.task!r} is not one of {sorted(TASKS)} for "
+                f"data.source='synthetic'"]
+    if cfg.seq_len < 1 or tokenizer_problems(cfg.tokenizer):
+        return []
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+    except ValueError as exc:
+        return [str(exc)]
+    return task_problems(cfg.task, seq_len=cfg.seq_len, docs_per_seq=cfg.docs_per_seq,
+                         seed=cfg.seed, tokenizer=tok)
+
+
+def _corpus_problems(cfg: DataConfig) -> list[str]:
+    out = []
+    if cfg.source == "files":
+        if not cfg.path:
+            out.append("data=files needs data.path=<a file, a directory or a glob>")
+        elif not any(ch in cfg.path for ch in "*?[") and not os.path.exists(cfg.path):
+            out.append(f"data.path={cfg.path!r} does not exist")
+        if cfg.streaming:
+            out.append("data.streaming=true is for data=hf; local files are packed once on "
+                       "the driver and memory-mapped")
+    if cfg.source == "hf" and not cfg.name:
+        out.append("data=hf needs data.name=<a dataset on the hub or a local dataset directory>")
+    if not cfg.text_field:
+        out.append("data.text_field must name the record field holding the text")
+    if cfg.upsample_threshold < 0:
+        out.append(f"data.upsample_threshold={cfg.upsample_threshold} must be >= 0 (0 disables)")
+    if cfg.upsample_factor < 1:
+        out.append(f"data.upsample_factor={cfg.upsample_factor} must be >= 1")
+    if cfg.streaming and cfg.upsample_threshold > 0:
+        out.append("data.upsample_threshold needs the whole corpus; it is not available with "
+                   "data.streaming=true")
+    if cfg.num_proc is not None and cfg.num_proc < 1:
+        out.append(f"data.num_proc={cfg.num_proc} must be >= 1 (or null: automatic)")
+    if cfg.shuffle_buffer < 1:
+        out.append(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 1")
+    return out
 
 
 def source_problems(cfg: DataConfig) -> list[str]:
-    if cfg.source not in _SOURCES:
-        return [f"data.source={cfg.source!r} is not one of {sorted(_SOURCES)}"]
-    if cfg.task not in _SOURCES[cfg.source]:
-        return [f"data.task={cfg.task!r} is not one of {sorted(_SOURCES[cfg.source])} "
-                f"for data.source={cfg.source!r}"]
+    """Every static problem of the data settings (files are checked for existence here; their
+    contents when the driver prepares them)."""
+    if cfg.source not in SOURCES:
+        return [f"data.source={cfg.source!r} is not one of {list(SOURCES)} (data=synthetic|"
+                f"files|hf)"]
+    out = tokenizer_problems(cfg.tokenizer)
     if cfg.docs_per_seq < 1:
-        return [f"data.docs_per_seq={cfg.docs_per_seq} must be >= 1"]
-    if cfg.source == "synthetic" and cfg.task == "passkey" and cfg.seq_len >= 1:
-        # The task has a fixed-length intro, needle and question: fail here, not at step 0.
-        doc_len = (cfg.seq_len + 1) // cfg.docs_per_seq - 1
-        try:
-            passkey_sample(seq_len=doc_len, seed=cfg.seed, index=0)
-        except ValueError as exc:
-            if cfg.docs_per_seq == 1:
-                return [str(exc)]
-            return [f"data.seq_len={cfg.seq_len} / data.docs_per_seq={cfg.docs_per_seq} leaves "
-                    f"documents of {doc_len} tokens, too short for the passkey task ({exc})"]
-    return []
+        out.append(f"data.docs_per_seq={cfg.docs_per_seq} must be >= 1")
+    elif cfg.source == "synthetic":
+        out += _synthetic_problems(cfg)
+    if cfg.source != "synthetic":
+        out += _corpus_problems(cfg)
+    if cfg.prefetch < 0:
+        out.append(f"data.prefetch={cfg.prefetch} must be >= 0 (0: no prefetching)")
+    return out
 
 
-def global_batch(cfg: DataConfig, indices: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def global_batch(cfg: DataConfig, indices: list[int]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token ids and document ids (None: one document per sequence), [N, seq_len + 1] each,
     of the given global sample indices."""
-    if cfg.docs_per_seq > 1:
-        return packed_passkey_tokens(seq_len=cfg.seq_len, seed=cfg.seed, indices=indices,
-                                     docs_per_seq=cfg.docs_per_seq)
-    return _SOURCES[cfg.source][cfg.task](seq_len=cfg.seq_len, seed=cfg.seed, indices=indices), None
+    if cfg.source == "synthetic":
+        tok = load_tokenizer(cfg.tokenizer)
+        if cfg.docs_per_seq > 1:
+            return packed_task_tokens(cfg.task, seq_len=cfg.seq_len, seed=cfg.seed,
+                                      indices=indices, docs_per_seq=cfg.docs_per_seq,
+                                      tokenizer=tok)
+        return task_tokens(cfg.task, seq_len=cfg.seq_len, seed=cfg.seed, indices=indices,
+                           tokenizer=tok), None
+    if cfg.streaming:
+        from longtrain.data.streaming import stream_cursor
+
+        return stream_cursor(cfg).batch(indices)
+    from longtrain.data.packed import open_packed
+
+    if cfg.packed is None:
+        raise ValueError(f"data.source={cfg.source!r} reads a packed corpus, and data.packed is "
+                         f"not set: prepare the data on the driver first "
+                         f"(longtrain.data.prepare.prepare_data)")
+    return open_packed(cfg.packed).batch(indices, seq_len=cfg.seq_len, seed=cfg.seed)
 
 
 def global_sequences(cfg: DataConfig, indices: list[int]) -> torch.Tensor:
@@ -120,8 +181,35 @@ def micro_batches(cfg: DataConfig, *, step: int, dp_size: int, dp_rank: int, cp_
 
 def iterate(cfg: DataConfig, *, start_step: int, dp_size: int, dp_rank: int, cp_size: int,
             cp_rank: int) -> Iterator[list[MicroBatch]]:
+    """This rank's micro-batches of steps start_step, start_step + 1, ... (endless)."""
     step = start_step
     while True:
         yield micro_batches(cfg, step=step, dp_size=dp_size, dp_rank=dp_rank, cp_size=cp_size,
                             cp_rank=cp_rank)
         step += 1
+
+
+def prefetched(cfg: DataConfig, source: Iterator[list[MicroBatch]]) -> Iterator[list[MicroBatch]]:
+    """`source` built `data.prefetch` steps ahead on a background thread (close() it)."""
+    return prefetch(source, depth=cfg.prefetch)
+
+
+def data_state(cfg: DataConfig, *, step: int) -> dict:
+    """The data position to store in a checkpoint: resuming at `step` with the same data
+    settings yields exactly the sequences an uninterrupted run would have seen."""
+    corpus = cfg.packed and os.path.basename(os.path.normpath(cfg.packed))
+    return {"step": step, "sequences_consumed": step * cfg.batch_size, "seed": cfg.seed,
+            "source": cfg.source, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+            "corpus": corpus or (cfg.task if cfg.source == "synthetic" else cfg.name)}
+
+
+def check_resume(cfg: DataConfig, state: dict) -> int:
+    """The step to resume at from a stored `data_state`; refuses data settings that would
+    not continue the same sequence stream (naming the field)."""
+    now = data_state(cfg, step=int(state["step"]))
+    for key in ("seed", "source", "seq_len", "batch_size", "corpus"):
+        if now[key] != state.get(key):
+            raise ValueError(f"resume: data.{key} is {now[key]!r} but the checkpoint's data "
+                             f"position was taken with {state.get(key)!r}; the run would not "
+                             f"continue the same data")
+    return int(state["step"])

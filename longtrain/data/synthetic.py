@@ -1,83 +1,105 @@
-"""Synthetic long-context tasks, generated from (seed, index) so any sample can be rebuilt
-anywhere (every rank, after a restart) without storing data.
+"""Synthetic long-context tasks as a data source, generated from (seed, index) so any sample
+can be rebuilt anywhere (every rank, after a restart) without storing data.
 
-passkey: a random 5-digit key is hidden at a random depth inside repetitive filler; the
-sequence ends by asking for it and giving the answer, so predicting the answer's digits needs
-retrieval across the whole context.
+Tasks (one module each): passkey (`passkey.py`), multikey_needle (`needle.py`),
+assoc_recall (`recall.py`). Each has `sample(seq_len, seed, index, tokenizer)` for training and
+`prompt(length, depth, seed, index, tokenizer)` for evaluation (see `eval_tasks.py`).
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
 
 import torch
 
-from longtrain.data.tokenizer import ByteTokenizer
+from longtrain.data import needle, passkey, recall
+from longtrain.data.passkey import PasskeySample, passkey_sample
+from longtrain.data.textgen import TaskSample
+from longtrain.data.tokenizer import ByteTokenizer, Tokenizer
 
-_INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-_QUESTION = "What is the pass key? The pass key is "
+__all__ = ["TASKS", "PasskeySample", "TaskSample", "passkey_sample", "passkey_tokens",
+           "packed_passkey_tokens", "task_sample", "task_tokens", "packed_task_tokens",
+           "task_problems"]
 
-
-@dataclass(frozen=True)
-class PasskeySample:
-    """One sequence of exactly `seq_len + 1` token ids (inputs are [:-1], targets [1:])."""
-
-    ids: list[int]
-    key: str
-    # index in `ids` of the first answer digit, and the fraction of the filler before the needle
-    answer_start: int
-    depth: float
+TASKS: dict[str, ModuleType] = {m.NAME: m for m in (passkey, needle, recall)}
 
 
-def passkey_sample(*, seq_len: int, seed: int, index: int,
-                   tokenizer: ByteTokenizer = ByteTokenizer()) -> PasskeySample:
-    rng = random.Random(seed * 1_000_003 + index)
-    key = f"{rng.randrange(10_000, 100_000)}"
-    depth = rng.random()
-    head = tokenizer.encode(_INTRO, bos=True)
-    needle = tokenizer.encode(_NEEDLE.format(key=key))
-    tail = tokenizer.encode(_QUESTION) + tokenizer.encode(key + ".", eos=True)
-    filler_len = seq_len + 1 - len(head) - len(needle) - len(tail)
-    if filler_len < 0:
-        raise ValueError(f"data.seq_len={seq_len} is too short for the passkey task "
-                         f"(needs data.seq_len >= {seq_len - filler_len})")
-    filler_text = _FILLER * (filler_len // len(_FILLER) + 1)
-    # Start the filler at a random phase so the needle is not always aligned to a sentence.
-    phase = rng.randrange(len(_FILLER))
-    filler = tokenizer.encode((filler_text + _FILLER)[phase:phase + filler_len])
-    cut = int(depth * filler_len)
-    ids = head + filler[:cut] + needle + filler[cut:] + tail
-    answer_start = len(ids) - len(key) - 2
-    return PasskeySample(ids=ids, key=key, answer_start=answer_start, depth=depth)
+def _task(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ValueError(f"data.task={name!r} is not one of {sorted(TASKS)}")
+    return TASKS[name]
 
 
-def passkey_tokens(*, seq_len: int, seed: int, indices: list[int]) -> torch.Tensor:
+def task_sample(task: str, *, seq_len: int, seed: int, index: int,
+                tokenizer: Optional[Tokenizer] = None) -> TaskSample:
+    return _task(task).sample(seq_len=seq_len, seed=seed, index=index,
+                              tokenizer=tokenizer or ByteTokenizer())
+
+
+def task_tokens(task: str, *, seq_len: int, seed: int, indices: list[int],
+                tokenizer: Optional[Tokenizer] = None) -> torch.Tensor:
     """[len(indices), seq_len + 1] int64 token ids."""
-    rows = [passkey_sample(seq_len=seq_len, seed=seed, index=i).ids for i in indices]
+    rows = [task_sample(task, seq_len=seq_len, seed=seed, index=i, tokenizer=tokenizer).ids
+            for i in indices]
     return torch.tensor(rows, dtype=torch.long)
 
 
-def packed_passkey_tokens(*, seq_len: int, seed: int, indices: list[int], docs_per_seq: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Several passkey documents packed into each sequence.
-
-    Returns ids and document ids, both [len(indices), seq_len + 1] int64; document j of
-    sample i is passkey sample `i * docs_per_seq + j` of its own (shorter) length.
-    """
+def _doc_lengths(seq_len: int, docs_per_seq: int) -> list[int]:
     total = seq_len + 1
     lengths = [total // docs_per_seq] * docs_per_seq
     lengths[-1] += total - sum(lengths)
+    return lengths
+
+
+def packed_task_tokens(task: str, *, seq_len: int, seed: int, indices: list[int],
+                       docs_per_seq: int, tokenizer: Optional[Tokenizer] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several task documents packed into each sequence.
+
+    Returns ids and document ids, both [len(indices), seq_len + 1] int64; document j of
+    sample i is sample `i * docs_per_seq + j` of its own (shorter) length.
+    """
+    lengths = _doc_lengths(seq_len, docs_per_seq)
     ids_rows, doc_rows = [], []
     for i in indices:
         ids: list[int] = []
         docs: list[int] = []
         for j, length in enumerate(lengths):
-            sample = passkey_sample(seq_len=length - 1, seed=seed, index=i * docs_per_seq + j)
-            ids += sample.ids
+            s = task_sample(task, seq_len=length - 1, seed=seed, index=i * docs_per_seq + j,
+                            tokenizer=tokenizer)
+            ids += s.ids
             docs += [j] * length
         ids_rows.append(ids)
         doc_rows.append(docs)
     return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(doc_rows, dtype=torch.long)
+
+
+def passkey_tokens(*, seq_len: int, seed: int, indices: list[int]) -> torch.Tensor:
+    """[len(indices), seq_len + 1] int64 token ids of the passkey task (byte tokens)."""
+    return task_tokens("passkey", seq_len=seq_len, seed=seed, indices=indices)
+
+
+def packed_passkey_tokens(*, seq_len: int, seed: int, indices: list[int], docs_per_seq: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed_task_tokens("passkey", seq_len=seq_len, seed=seed, indices=indices,
+                              docs_per_seq=docs_per_seq)
+
+
+def task_problems(task: str, *, seq_len: int, docs_per_seq: int, seed: int,
+                  tokenizer: Optional[Tokenizer] = None) -> list[str]:
+    """Whether every document of `task` fits: its intro, needles and question have a fixed
+    length. Found here, not at step 0."""
+    if task not in TASKS:
+        return [f"data.task={task!r} is not one of {sorted(TASKS)} for data.source='synthetic'"]
+    if docs_per_seq < 1:
+        return [f"data.docs_per_seq={docs_per_seq} must be >= 1"]
+    doc_len = min(_doc_lengths(seq_len, docs_per_seq)) - 1
+    try:
+        task_sample(task, seq_len=doc_len, seed=seed, index=0, tokenizer=tokenizer)
+    except ValueError as exc:
+        if docs_per_seq == 1:
+            return [str(exc)]
+        return [f"data.seq_len={seq_len} / data.docs_per_seq={docs_per_seq} leaves documents "
+                f"of {doc_len} tokens, too short for the {task} task ({exc})"]
+    return []

@@ -14,7 +14,7 @@ import torch
 
 from longtrain.attention.base import AttentionContext, get_attention
 from longtrain.config.schema import RunConfig
-from longtrain.data.loader import iterate
+from longtrain.data.loader import iterate, prefetched
 from longtrain.model.llama import LlamaModel
 from longtrain.model.sharding import init_weights, load_canonical
 from longtrain.observability.log import get_logger
@@ -71,46 +71,52 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
     model.train()
     ctx = attention_context(runtime)
     dims = runtime.dims
-    data = iterate(cfg.data, start_step=state.step, dp_size=dims.dp, dp_rank=runtime.dp_rank,
-                   cp_size=dims.cp, cp_rank=runtime.cp_rank)
+    # built data.prefetch steps ahead on a background thread, closed however the loop ends
+    data = prefetched(cfg.data, iterate(cfg.data, start_step=state.step, dp_size=dims.dp,
+                                        dp_rank=runtime.dp_rank, cp_size=dims.cp,
+                                        cp_rank=runtime.cp_rank))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     log.info("training %s for %d steps (%s), %d tokens per step", cfg.model.name,
              cfg.train.steps, dims.describe(), tokens_per_step)
-    while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
-        micro = [mb.to(runtime.device) for mb in next(data)]
-        t_data = time.perf_counter() - t0
-        targets = reduce_sum(sum(mb.num_targets for mb in micro), group=runtime.dp_cp_group,
-                             device=runtime.device)
-        optimizer.zero_grad()
-        check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
-        if check:
-            model.arm_parity_check(tol=cfg.attention.check_tol)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        for mb in micro:
-            logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
-                           seq_len=cfg.data.seq_len, ctx=ctx)
-            loss = token_loss_sum(logits, mb.labels_bt)
-            (loss / targets).backward()
-            loss_sum += loss.detach().double()
-        sum_gradients(optimizer.params, group=runtime.dp_cp_group)
-        stats = optimizer.step(state.step, tp_group=runtime.tp_group)
-        global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group, device=runtime.device) / targets
-        dt = time.perf_counter() - t0
-        state.step += 1
-        extra = {}
-        if check:
-            extra["attn_parity_err"] = model.layers[0].attn.last_parity_error
-        yield {
-            **extra,
-            "step": state.step,
-            "loss": global_loss,
-            "lr": stats["lr"],
-            "grad_norm": stats["grad_norm"],
-            "tokens": tokens_per_step,
-            "tokens_per_s": tokens_per_step / dt,
-            "step_time_s": dt,
-            "data_wait_s": t_data,
-            "seq_len": cfg.data.seq_len,
-        }
-
+    try:
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            micro = [mb.to(runtime.device) for mb in next(data)]
+            t_data = time.perf_counter() - t0
+            targets = reduce_sum(sum(mb.num_targets for mb in micro),
+                                 group=runtime.dp_cp_group, device=runtime.device)
+            optimizer.zero_grad()
+            check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
+            if check:
+                model.arm_parity_check(tol=cfg.attention.check_tol)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            for mb in micro:
+                logits = model(mb.tokens_bt, positions_bt=mb.positions_bt,
+                               doc_ids_bt=mb.doc_ids_bt, seq_len=cfg.data.seq_len, ctx=ctx)
+                loss = token_loss_sum(logits, mb.labels_bt)
+                (loss / targets).backward()
+                loss_sum += loss.detach().double()
+            sum_gradients(optimizer.params, group=runtime.dp_cp_group)
+            stats = optimizer.step(state.step, tp_group=runtime.tp_group)
+            global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group,
+                                     device=runtime.device) / targets
+            dt = time.perf_counter() - t0
+            state.step += 1
+            extra = {}
+            if check:
+                extra["attn_parity_err"] = model.layers[0].attn.last_parity_error
+            yield {
+                **extra,
+                "step": state.step,
+                "loss": global_loss,
+                "lr": stats["lr"],
+                "grad_norm": stats["grad_norm"],
+                "tokens": tokens_per_step,
+                "tokens_per_s": tokens_per_step / dt,
+                "step_time_s": dt,
+                "data_wait_s": t_data,
+                "seq_len": cfg.data.seq_len,
+            }
+    finally:
+        if hasattr(data, "close"):
+            data.close()
