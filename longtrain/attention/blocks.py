@@ -5,7 +5,7 @@ Tk key columns of this block, D head dim. Tensors here are `[B, H, T, D]` (heads
 time, as the fused kernels want them); LSE is `[B, Hq, Tq]` float32.
 
 `block_forward` returns (out, lse) where rows with no allowed key have out 0 and lse -inf,
-so blocks merge with `merge_block` whatever order they arrive in. `block_backward` takes the
+so blocks merge with `merge_block_` whatever order they arrive in. `block_backward` takes the
 *merged* (global) out and lse, which is what makes per-block gradients sum to the exact
 gradient of the whole attention.
 
@@ -109,16 +109,18 @@ def any_allowed(q_doc_bt: Optional[torch.Tensor], k_doc_bt: Optional[torch.Tenso
     return bool(torch.isin(q_doc_bt.reshape(-1), k_doc_bt.reshape(-1)).any())
 
 
-def merge_block(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
-                lse_blk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online-softmax merge in the accumulators' precision (float32, or float64 for float64):
-    out [B, H, T, D], lse [B, H, T]."""
+def merge_block_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
+                 lse_blk: torch.Tensor) -> None:
+    """Online-softmax merge of a block into the accumulators, in place and in their precision
+    (float32, or float64 for float64): out [B, H, T, D], lse [B, H, T] (views are fine)."""
     lse_new = torch.logaddexp(lse_acc, lse_blk)
     # Rows still without any key keep lse -inf; shift them by 0 so the weights are 0, not NaN.
     shift = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
     w_acc = torch.exp(lse_acc - shift)[..., None]
     w_blk = torch.exp(lse_blk - shift)[..., None]
-    return out_acc * w_acc + out_blk.to(out_acc.dtype) * w_blk, lse_new
+    # two passes over out_acc and no temporary of its size
+    out_acc.mul_(w_acc).addcmul_(out_blk, w_blk.to(out_acc.dtype))
+    lse_acc.copy_(lse_new)
 
 
 def _naive_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,

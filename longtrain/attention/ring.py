@@ -14,6 +14,13 @@ so every rank does the same work and fully masked blocks are never computed.
 Backward: K/V travel the ring again; each rank computes its block's dQ (kept) and dK/dV,
 which travel with their block and reach the owner after a full cycle. Block gradients use
 the merged out and LSE, so their sum is the exact gradient of dense attention.
+
+Memory and copies: every `[B, H, T, D]` tensor here is a transposed view of a contiguous
+`[B, T, H, D]` one (the caller's layout, which ATen's CPU flash kernel reads through strides
+and also uses for its outputs and gradients), so nothing is transposed into a copy, K/V and
+dK/dV go on the wire as the contiguous `[B, T, H, D]` tensors, and the results go back to
+autograd without a copy. The diagonal block (step 0) covers every local row and column, so
+its output and gradients become the accumulators, and later blocks merge into them in place.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch.distributed as dist
 
 from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
 from longtrain.attention.blocks import (acc_dtype, any_allowed, block_backward, block_forward,
-                                       merge_block)
+                                       merge_block_)
 
 
 class RingComm:
@@ -41,17 +48,31 @@ class RingComm:
         self._pending: list = []
 
     def start(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Post the exchange of `tensors`; returns the receive buffers (valid after `wait`)."""
-        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        """Post the exchange of `tensors` (`[B, H, T, D]` views as above, or `[B, T]` ids);
+        returns receive buffers of the same shapes and layouts (valid after `wait`)."""
+        wire = [_wire(t) for t in tensors]
+        recv = [torch.empty_like(w) for w in wire]
+        ops = [dist.P2POp(dist.isend, w, self.next, self.group) for w in wire]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
         self._pending += dist.batch_isend_irecv(ops)
-        return recv
+        return [r.transpose(1, 2) if t.dim() == 4 else r for t, r in zip(tensors, recv)]
 
     def wait(self) -> None:
         for req in self._pending:
             req.wait()
         self._pending = []
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """The contiguous tensor that goes on the wire: `[B, T, H, D]` for a `[B, H, T, D]` view."""
+    if t.dim() == 4:
+        t = t.transpose(1, 2)
+    return t.contiguous()
+
+
+def _bhtd(x_bthd: torch.Tensor) -> torch.Tensor:
+    """`[B, H, T, D]` view of a contiguous `[B, T, H, D]` tensor (copies only if not contiguous)."""
+    return x_bthd.contiguous().transpose(1, 2)
 
 
 def _block_plan(src: int, rank: int, t: int, *, causal: bool) -> tuple[slice, slice, bool]:
@@ -79,28 +100,51 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, sc
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, T, D], lse [B, Hq, T]) in the accumulation dtype, on `[B, H, T, D]` inputs."""
     comm = RingComm(group)
-    b, h, t, d = q.shape
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(b, h, t, d, dtype=acc, device=q.device)
-    lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
+    out: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
     k_cur, v_cur, kdoc_cur = k, v, doc_bt
     for step in range(comm.world):
         if step + 1 < comm.world:
             incoming = comm.start(_with_doc([k_cur, v_cur], kdoc_cur))
         src = (comm.rank - step) % comm.world
-        rows, cols, blk_causal = _block_plan(src, comm.rank, t, causal=causal)
+        rows, cols, blk_causal = _block_plan(src, comm.rank, q.shape[2], causal=causal)
         q_doc, k_doc = _doc(doc_bt, rows), _doc(kdoc_cur, cols)
         if any_allowed(q_doc, k_doc):
             o_blk, lse_blk = block_forward(q[:, :, rows], k_cur[:, :, cols], v_cur[:, :, cols],
                                            scale=scale, causal=blk_causal, q_doc_bt=q_doc,
                                            k_doc_bt=k_doc)
-            out[:, :, rows], lse[:, :, rows] = merge_block(out[:, :, rows], lse[:, :, rows],
-                                                           o_blk, lse_blk)
+            if out is None and rows == slice(0, q.shape[2]):
+                out, lse = o_blk.to(acc), lse_blk
+            else:
+                if out is None:
+                    out = _zeros_like_bhtd(q, acc)
+                    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+                merge_block_(out[:, :, rows], lse[:, :, rows], o_blk, lse_blk)
+            # free the block before the next receive buffers are allocated
+            del o_blk, lse_blk
         if step + 1 < comm.world:
             comm.wait()
             k_cur, v_cur = incoming[0], incoming[1]
             kdoc_cur = incoming[2] if doc_bt is not None else None
+            del incoming
     return out, lse
+
+
+def _zeros_like_bhtd(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b, h, t, d = like.shape
+    return _bhtd(torch.zeros(b, t, h, d, dtype=dtype, device=like.device))
+
+
+def _accumulate(acc: Optional[torch.Tensor], idx: slice, blk: torch.Tensor, like: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """acc[:, :, idx] += blk; the first block becomes the accumulator when it covers `like`."""
+    if acc is None:
+        if idx == slice(0, like.shape[2]):
+            return blk.to(dtype)
+        acc = _zeros_like_bhtd(like, dtype)
+    acc[:, :, idx] += blk
+    return acc
 
 
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -111,37 +155,48 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     kv_comm, dkv_comm = RingComm(group), RingComm(group)
     t = q.shape[2]
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq: Optional[torch.Tensor] = None
     k_cur, v_cur, kdoc_cur = k, v, doc_bt
     # dK/dV of the block we hold, accumulated over the ranks that held it before us
-    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dk_acc: Optional[torch.Tensor] = None
+    dv_acc: Optional[torch.Tensor] = None
     for step in range(kv_comm.world):
         if step + 1 < kv_comm.world:
             incoming = kv_comm.start(_with_doc([k_cur, v_cur], kdoc_cur))
         src = (kv_comm.rank - step) % kv_comm.world
         rows, cols, blk_causal = _block_plan(src, kv_comm.rank, t, causal=causal)
         q_doc, k_doc = _doc(doc_bt, rows), _doc(kdoc_cur, cols)
+        if step > 0:
+            # The accumulated dK/dV of this block, from the previous holder. Waiting before the
+            # block (not after it) frees the dK/dV we sent before the block's gradients are
+            # allocated: 2 fewer K/V-sized buffers at the peak, for one dK/dV transfer that no
+            # compute hides (a few ms next to seconds of compute at 16K on CPU).
+            dkv_comm.wait()
+            dk_acc, dv_acc = dkv_in
+            del dkv_in
         blk = None
         if any_allowed(q_doc, k_doc):
             blk = block_backward(dout[:, :, rows], q[:, :, rows], k_cur[:, :, cols],
                                  v_cur[:, :, cols], out[:, :, rows], lse[:, :, rows], scale=scale,
                                  causal=blk_causal, q_doc_bt=q_doc, k_doc_bt=k_doc)
-        if step > 0:
-            # the accumulated dK/dV of this block arrive from the previous holder
-            dkv_comm.wait()
-            dk_acc, dv_acc = dkv_in
         if blk is not None:
-            dq[:, :, rows] += blk[0].to(acc)
-            dk_acc[:, :, cols] += blk[1].to(acc)
-            dv_acc[:, :, cols] += blk[2].to(acc)
+            dq = _accumulate(dq, rows, blk[0], q, acc)
+            dk_acc = _accumulate(dk_acc, cols, blk[1], k_cur, acc)
+            dv_acc = _accumulate(dv_acc, cols, blk[2], v_cur, acc)
+            del blk
+        if dk_acc is None:
+            dk_acc, dv_acc = _zeros_like_bhtd(k_cur, acc), _zeros_like_bhtd(v_cur, acc)
         # pass them on with the block; after the last step this returns them to their owner
         if kv_comm.world > 1:
             dkv_in = dkv_comm.start([dk_acc, dv_acc])
+            del dk_acc, dv_acc
         if step + 1 < kv_comm.world:
             kv_comm.wait()
             k_cur, v_cur = incoming[0], incoming[1]
             kdoc_cur = incoming[2] if doc_bt is not None else None
+            del incoming
+    if dq is None:
+        dq = _zeros_like_bhtd(q, acc)
     if kv_comm.world == 1:
         return dq, dk_acc, dv_acc
     dkv_comm.wait()
@@ -152,10 +207,11 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal):
-        # one contiguous [B, H, T, D] copy: blocks are sliced from it and K/V are sent as is
-        q, k, v = (x.transpose(1, 2).contiguous() for x in (q_bthd, k_bthd, v_bthd))
-        out32, lse = ring_forward(q, k, v, group=group, scale=scale, causal=causal, doc_bt=doc_bt)
-        out = out32.to(q.dtype)
+        # [B, H, T, D] views of the [B, T, H, D] inputs: no copy (see the module docstring)
+        q, k, v = (_bhtd(x) for x in (q_bthd, k_bthd, v_bthd))
+        out_acc, lse = ring_forward(q, k, v, group=group, scale=scale, causal=causal,
+                                    doc_bt=doc_bt)
+        out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, doc_bt)
         ctx.group, ctx.scale, ctx.causal = group, scale, causal
         return out.transpose(1, 2)
@@ -163,7 +219,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_bthd):
         q, k, v, out, lse, doc_bt = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout_bthd.transpose(1, 2).contiguous(), q, k, v, out, lse, group=ctx.group,
+        dq, dk, dv = ring_backward(_bhtd(dout_bthd), q, k, v, out, lse, group=ctx.group,
                                    scale=ctx.scale, causal=ctx.causal, doc_bt=doc_bt)
         cast = lambda g, like: g.to(like.dtype).transpose(1, 2)  # noqa: E731
         return cast(dq, q), cast(dk, k), cast(dv, v), None, None, None, None

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from longtrain.parallel.dims import ParallelDims
-from longtrain.parallel.runtime import ParallelRuntime, init_parallel, shutdown_parallel
+from longtrain.parallel.runtime import init_parallel, shutdown_parallel
 
 
 def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, args: tuple,
