@@ -10,18 +10,14 @@ initialization costs seconds per process, so each world runs all its cases.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import pytest
 import torch
 
-from attention_reference import random_docs, reference_attention
-from conftest import FP32_RTOL, rel_err
+from attention_reference import check_sharded_attention
 from longtrain.parallel.layout import split_for_cp, zigzag_chunk_ids
 from longtrain.parallel.spawn import run_distributed
-
-FP64_RTOL = 1e-10
 
 # (name, B, T, Hq, Hkv, D, causal, docs, dtype)
 ULYSSES_CP2 = [
@@ -54,29 +50,11 @@ def _check_cases(runtime: Any, backend: str, cases: list, *, ulysses_group=None,
     cp, r = runtime.dims.cp, runtime.cp_rank
     ctx = AttentionContext(cp_group=runtime.cp_group, cp_size=cp, cp_rank=r,
                            ulysses_group=ulysses_group, ring_group=ring_group)
-    shard = lambda x: split_for_cp(x, cp_size=cp, cp_rank=r, dim=1)  # noqa: E731
-    for name, b, t, hq, hkv, d, causal, docs, dtype in cases:
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{backend}/{name}".encode()))
-        q = torch.randn(b, t, hq, d, generator=gen, dtype=dtype)
-        k = torch.randn(b, t, hkv, d, generator=gen, dtype=dtype)
-        v = torch.randn(b, t, hkv, d, generator=gen, dtype=dtype)
-        dout = torch.randn(b, t, hq, d, generator=gen, dtype=dtype)
-        doc = random_docs(b, t, gen=gen) if docs else None
-        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = reference_attention(*ref_in, causal=causal, doc_bt=doc)
-        ref.backward(dout)
-        local_in = [shard(x).clone().requires_grad_() for x in (q, k, v)]
-        meta = AttentionMeta(causal=causal, doc_ids_bt=None if doc is None else shard(doc))
-        out = attn(*local_in, meta, ctx)
-        assert out.dtype == dtype and out.shape == local_in[0].shape
-        out.backward(shard(dout))
-        tol = FP64_RTOL if dtype == torch.float64 else FP32_RTOL
-        checks = {"out": (out, shard(ref))}
-        for n, mine, full in zip("qkv", local_in, ref_in):
-            checks[f"d{n}"] = (mine.grad, shard(full.grad))
-        for what, (mine, want) in checks.items():
-            err = rel_err(mine.detach(), want.detach())
-            assert err < tol, f"{backend} {name} rank {r}/{cp}: {what} rel err {err:.2e} > {tol}"
+
+    def attend(q, k, v, causal, doc):
+        return attn(q, k, v, AttentionMeta(causal=causal, doc_ids_bt=doc), ctx)
+
+    check_sharded_attention(runtime, attend, cases, label=backend)
 
 
 def _expect_head_error(runtime: Any, backend: str, hq: int, hkv: int, fragments: list[str], *,
