@@ -95,6 +95,13 @@ def _with_doc(tensors: list[torch.Tensor], doc_bt: Optional[torch.Tensor]) -> li
     return tensors if doc_bt is None else [*tensors, doc_bt]
 
 
+def _receive(comm: RingComm, incoming: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Wait for the next block sent by `_with_doc`: (k, v, document ids or None)."""
+    comm.wait()
+    return incoming[0], incoming[1], incoming[2] if len(incoming) > 2 else None
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, scale: float,
                  causal: bool, doc_bt: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +131,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, sc
             # free the block before the next receive buffers are allocated
             del o_blk, lse_blk
         if step + 1 < comm.world:
-            comm.wait()
-            k_cur, v_cur = incoming[0], incoming[1]
-            kdoc_cur = incoming[2] if doc_bt is not None else None
+            k_cur, v_cur, kdoc_cur = _receive(comm, incoming)
             del incoming
     return out, lse
 
@@ -160,6 +165,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     # dK/dV of the block we hold, accumulated over the ranks that held it before us
     dk_acc: Optional[torch.Tensor] = None
     dv_acc: Optional[torch.Tensor] = None
+    # receive buffers of the dK/dV exchange posted at the end of the previous step
+    dkv_in: list[torch.Tensor] = []
     for step in range(kv_comm.world):
         if step + 1 < kv_comm.world:
             incoming = kv_comm.start(_with_doc([k_cur, v_cur], kdoc_cur))
@@ -173,7 +180,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             # compute hides (a few ms next to seconds of compute at 16K on CPU).
             dkv_comm.wait()
             dk_acc, dv_acc = dkv_in
-            del dkv_in
+            dkv_in = []
         blk = None
         if any_allowed(q_doc, k_doc):
             blk = block_backward(dout[:, :, rows], q[:, :, rows], k_cur[:, :, cols],
@@ -191,9 +198,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             dkv_in = dkv_comm.start([dk_acc, dv_acc])
             del dk_acc, dv_acc
         if step + 1 < kv_comm.world:
-            kv_comm.wait()
-            k_cur, v_cur = incoming[0], incoming[1]
-            kdoc_cur = incoming[2] if doc_bt is not None else None
+            k_cur, v_cur, kdoc_cur = _receive(kv_comm, incoming)
             del incoming
     if dq is None:
         dq = _zeros_like_bhtd(q, acc)
