@@ -124,19 +124,10 @@ def _mask_cut(tokens_t: torch.Tensor) -> int:
 
 def _remesh(rt: Any, *, tp: int) -> Any:
     """Rebuild megatron's groups over the same world with another TP degree (cp=1)."""
-    from megatron.core import parallel_state as ps
-
     from longtrain.parallel.dims import ParallelDims
-    from longtrain.parallel.runtime import ParallelRuntime
+    from longtrain.parallel.runtime import remesh
 
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    return ParallelRuntime(
-        dims=ParallelDims(rt.dims.world_size, tp, 1), rank=rt.rank, device=rt.device,
-        tp_group=ps.get_tensor_model_parallel_group(), cp_group=ps.get_context_parallel_group(),
-        dp_group=ps.get_data_parallel_group(),
-        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-    )
+    return remesh(rt, ParallelDims(rt.dims.world_size, tp, 1))
 
 
 def _model_runs(rt: Any) -> dict[str, Any]:

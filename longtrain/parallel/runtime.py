@@ -88,6 +88,12 @@ def init_parallel(
         world_size=dims.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    return _build_mesh(dims, rank=rank, device=device, timeout_s=timeout_s, cp_sizes=cp_sizes)
+
+
+def _build_mesh(dims: ParallelDims, *, rank: int, device: torch.device, timeout_s: int,
+                cp_sizes: tuple[int, int] | None) -> ParallelRuntime:
+    """megatron-core's TP/CP/DP (and 2-D CP) groups over the already joined world."""
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(
@@ -110,6 +116,23 @@ def init_parallel(
         ulysses_group=ulysses_group,
         ring_group=ring_group,
     )
+
+
+def remesh(runtime: ParallelRuntime, dims: ParallelDims, *, timeout_s: int = 600,
+           cp_sizes: tuple[int, int] | None = None) -> ParallelRuntime:
+    """Rebuild the groups with other degrees over the same world (tests and benchmarks use it
+    to try several layouts without starting new processes)."""
+    from megatron.core import parallel_state as ps
+
+    problems = dims.problems()
+    if dims.world_size != runtime.dims.world_size:
+        problems.append(f"remesh keeps the world: world_size {dims.world_size} != "
+                        f"{runtime.dims.world_size}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    ps.destroy_model_parallel()
+    return _build_mesh(dims, rank=runtime.rank, device=runtime.device, timeout_s=timeout_s,
+                       cp_sizes=cp_sizes)
 
 
 def shutdown_parallel() -> None:
