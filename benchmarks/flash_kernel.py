@@ -10,6 +10,7 @@ gives the median of `--reps` timed repetitions after a warm-up and the ratio Tri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from typing import Callable
 
@@ -44,8 +45,8 @@ def run(lengths: list[int], *, heads: int, kv_heads: int, head_dim: int, reps: i
 
     from longtrain_kernels.flash_attn import flash_attention
 
-    backends = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
-                "default": list(SDPBackend)}[sdpa_backend]
+    # default: no restriction, torch picks its kernel
+    forced = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
     rows = []
     for t in lengths:
@@ -60,7 +61,9 @@ def run(lengths: list[int], *, heads: int, kv_heads: int, head_dim: int, reps: i
             flash_attention(q, k, v, causal=True).backward(dout)
 
         def sdpa_step() -> None:
-            with sdpa_kernel(backends):
+            choice = (sdpa_kernel([forced[sdpa_backend]]) if sdpa_backend in forced
+                      else contextlib.nullcontext())
+            with choice:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                      v.transpose(1, 2), is_causal=True,
                                                      enable_gqa=heads != kv_heads)

@@ -54,12 +54,11 @@ class Worker:
         from longtrain.observability.log import get_logger
         from longtrain.parallel.dims import ParallelDims
         from longtrain.parallel.runtime import init_parallel, shutdown_parallel
-        from longtrain.train.loop import TrainState, build_model, train
-        from longtrain.train.optim import Optimizer
+        from longtrain.train.loop import TrainState, train
 
         cfg = self.cfg
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
-        dims = ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
+        dims = ParallelDims.from_config(cfg.parallel)
         cp_sizes = hierarchical_cp_sizes(cfg.attention.backend, cfg.attention.ulysses_degree,
                                          cfg.parallel.cp)
         runtime = init_parallel(dims, rank=self.rank, init_method=init_method,
@@ -67,8 +66,8 @@ class Worker:
                                 cp_sizes=cp_sizes)
         log = get_logger()
         try:
-            model = build_model(cfg, runtime)
-            state = TrainState(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
+            state = TrainState.create(cfg, runtime)
+            model = state.model
             for metrics in train(cfg, runtime, state=state):
                 if metrics["step"] % cfg.logging.every == 0 or metrics["step"] == cfg.train.steps:
                     log.info("step %d loss %.4f lr %.2e tok/s %.0f", metrics["step"],

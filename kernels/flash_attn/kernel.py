@@ -89,6 +89,20 @@ def _causal_key_range(m0, Tk, q_offset, k_offset,
 
 
 @triton.jit
+def _query_tile(H, Tq, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(batch, query head, kv head, first row, rows, rows in bounds) of this program's query
+    tile; grid = (query tiles, B * H)."""
+    # Causal tiles further down have more keys: start them first for a better tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    return b, h, h // GROUP, m0, offs_m, offs_m < Tq
+
+
+@triton.jit
 def flash_fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -98,16 +112,8 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """out [B, Tq, H, D] and lse [B, H, Tq] (natural log) for one query tile of one head."""
-    # Causal tiles further down have more keys: start them first for a better tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    hkv = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    b, h, hkv, m0, offs_m, row_ok = _query_tile(H, Tq, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Tq
 
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + hkv * stride_kh
@@ -137,7 +143,7 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QDOC, KDOC,
     O += b * stride_ob + h * stride_oh
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (b * H + h) * Tq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -206,15 +212,8 @@ def flash_bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, QDOC, KDOC,
                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """dq [B, Tq, H, D] for one query tile of one head: scale * sum_j dS_ij k_j."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    hkv = h // GROUP
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    b, h, hkv, m0, offs_m, row_ok = _query_tile(H, Tq, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Tq
 
     K += b * stride_kb + hkv * stride_kh
     V += b * stride_vb + hkv * stride_vh
@@ -222,7 +221,7 @@ def flash_bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, QDOC, KDOC,
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    row = pid_bh.to(tl.int64) * Tq + offs_m
+    row = (b * H + h) * Tq + offs_m
     lse2 = tl.load(LSE2 + row, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     if HAS_DOC:

@@ -108,7 +108,7 @@ def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
 def problems(cfg: RunConfig) -> list[str]:
     from longtrain.attention.base import attention_names, supports_cp
 
-    dims = ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
+    dims = ParallelDims.from_config(cfg.parallel)
     out = dims.problems()
     out += _model_problems(cfg)
     for field, allowed in _CHOICES.items():
@@ -162,4 +162,4 @@ def validate(cfg: RunConfig) -> ParallelDims:
     found = problems(cfg)
     if found:
         raise ConfigError(found)
-    return ParallelDims(cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp)
+    return ParallelDims.from_config(cfg.parallel)

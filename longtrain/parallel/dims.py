@@ -13,6 +13,11 @@ class ParallelDims:
     tp: int
     cp: int
 
+    @classmethod
+    def from_config(cls, parallel) -> "ParallelDims":
+        """From a `ParallelConfig` (`parallel.world_size`, `parallel.tp`, `parallel.cp`)."""
+        return cls(parallel.world_size, parallel.tp, parallel.cp)
+
     def problems(self) -> list[str]:
         """Every violated constraint as a message naming fields and values (empty if valid)."""
         out: list[str] = []

@@ -58,6 +58,12 @@ class TrainState:
     optimizer: Optimizer
     step: int = 0
 
+    @classmethod
+    def create(cls, cfg: RunConfig, runtime: ParallelRuntime) -> "TrainState":
+        """A fresh model (seeded or from `init.from`) and its optimizer, at step 0."""
+        model = build_model(cfg, runtime)
+        return cls(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
+
 
 def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None = None
           ) -> Iterator[dict[str, Any]]:
@@ -65,8 +71,7 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
     log = get_logger()
     torch.manual_seed(cfg.train.seed)
     if state is None:
-        model = build_model(cfg, runtime)
-        state = TrainState(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
+        state = TrainState.create(cfg, runtime)
     model, optimizer = state.model, state.optimizer
     model.train()
     ctx = attention_context(runtime)
