@@ -37,9 +37,9 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime) -> LlamaModel:
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)
     if cfg.init_from:
-        from longtrain.checkpoint.hf import open_hf_weights
+        from longtrain.checkpoint.source import open_source_weights
 
-        with open_hf_weights(cfg.init_from) as get:
+        with open_source_weights(cfg.init_from) as get:
             load_canonical(model, get)
     else:
         init_weights(model, seed=cfg.train.seed)
