@@ -46,6 +46,7 @@ def step_consumption(*, steps: int, warmup: int) -> dict[str, float]:
     cfg.parallel.world_size = 1
     cfg.train.steps = warmup + steps
     cfg.train.save_hf = False
+    cfg.checkpoint.resume, cfg.checkpoint.every, cfg.checkpoint.save_final = "never", 0, False
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "metrics.pt")
         run_distributed(_train_worker, world_size=1, args=(cfg, path), threads=1)

@@ -68,11 +68,15 @@ class Worker:
         try:
             state = TrainState.create(cfg, runtime)
             model = state.model
+            if state.resumed_from:
+                log.info("continuing at step %d from %s", state.step, state.resumed_from)
             for metrics in train(cfg, runtime, state=state):
                 if metrics["step"] % cfg.logging.every == 0 or metrics["step"] == cfg.train.steps:
                     log.info("step %d loss %.4f lr %.2e tok/s %.0f", metrics["step"],
                              metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
                     yield metrics
+            # a schedule stage may have rebuilt the mesh
+            runtime = state.runtime
             if cfg.train.save_hf and runtime.dp_rank == 0 and runtime.cp_rank == 0:
                 from longtrain.checkpoint.hf import export_hf
 

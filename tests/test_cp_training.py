@@ -26,6 +26,7 @@ def _run_config(*, world: int, tp: int, cp: int, backend: str, check_every: int 
     cfg.data.batch_size, cfg.data.micro_batch_size = 2, 1
     cfg.train.steps = STEPS
     cfg.optim.warmup_steps = 2
+    cfg.checkpoint.resume, cfg.checkpoint.every, cfg.checkpoint.save_final = "never", 0, False
     return cfg
 
 

@@ -46,6 +46,7 @@ def _cuda_vs_cpu(runtime, out_path: str) -> None:
     run.train.precision = "bf16"
     run.train.steps = 30
     run.data.seq_len = 512
+    run.checkpoint.resume, run.checkpoint.every, run.checkpoint.save_final = "never", 0, False
     losses = [m["loss"] for m in train(run, runtime)]
     torch.save({"results": results, "losses": losses}, out_path)
 

@@ -190,7 +190,7 @@ def _train_run(rt: Any, *, micro: int) -> dict[str, Any]:
 
     model = loop.build_model(cfg, rt)
     initial = canonical_state_dict(model, group=rt.tp_group)
-    state = loop.TrainState(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
+    state = loop.TrainState(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps), rt)
     original, loop.iterate = loop.iterate, masked_iterate
     try:
         metrics = next(loop.train(cfg, rt, state=state))

@@ -6,21 +6,24 @@ are reduced), so the caller decides who reports them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
 from longtrain.attention.base import AttentionContext, get_attention
 from longtrain.config.schema import RunConfig
-from longtrain.data.loader import iterate, prefetched
+from longtrain.data.loader import check_resume, data_state, iterate, prefetched
 from longtrain.model.llama import LlamaModel
 from longtrain.model.sharding import init_weights, load_canonical
 from longtrain.observability.log import get_logger
-from longtrain.parallel.runtime import ParallelRuntime
+from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.runtime import ParallelRuntime, remesh
 from longtrain.train.loss import reduce_sum, token_loss_sum
 from longtrain.train.optim import Optimizer, sum_gradients
+from longtrain.train.schedule import Stage, stage_at, stage_config, stages
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -31,11 +34,14 @@ def param_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def build_model(cfg: RunConfig, runtime: ParallelRuntime) -> LlamaModel:
-    """This rank's model shard with its weights: from `init.from` or seeded."""
+def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True) -> LlamaModel:
+    """This rank's model shard with its weights: from `init.from` or seeded (`weights=False`:
+    left uninitialized, for a checkpoint to fill)."""
     model = LlamaModel(cfg.model, cfg.rope, attention=get_attention(cfg.attention.backend),
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)
+    if not weights:
+        return model
     if cfg.init_from:
         from longtrain.checkpoint.source import open_source_weights
 
@@ -56,22 +62,95 @@ def attention_context(runtime: ParallelRuntime) -> AttentionContext:
 class TrainState:
     model: LlamaModel
     optimizer: Optimizer
+    # the mesh the state lives on (a schedule stage that changes CP rebuilds it)
+    runtime: ParallelRuntime
     step: int = 0
+    # the checkpoint this state was restored from (None: a fresh start)
+    resumed_from: Optional[str] = None
 
     @classmethod
     def create(cls, cfg: RunConfig, runtime: ParallelRuntime) -> "TrainState":
-        """A fresh model (seeded or from `init.from`) and its optimizer, at step 0."""
-        model = build_model(cfg, runtime)
-        return cls(model, Optimizer(model, cfg.optim, total_steps=cfg.train.steps))
+        """The model and optimizer at `checkpoint.resume` (any saved layout), or fresh ones
+        (seeded or from `init.from`) at step 0."""
+        from longtrain.checkpoint.native import load_train_state, resolve_resume
+
+        torch.manual_seed(cfg.train.seed)
+        resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
+        model = build_model(cfg, runtime, weights=resume is None)
+        optimizer = Optimizer(model, cfg.optim, total_steps=cfg.train.steps)
+        state = cls(model, optimizer, runtime)
+        if resume is None:
+            return state
+        manifest = load_train_state(resume, model=model, optimizer=optimizer, runtime=runtime)
+        state.step = int(manifest["step"])
+        state.resumed_from = resume
+        stage_cfg = stage_config(cfg, stage_at(cfg, state.step))
+        check_resume(stage_cfg.data, manifest["data"])
+        if manifest["layout"]["world_size"] != runtime.dims.world_size:
+            # The saved per-rank RNG streams do not map onto this world: a fresh, step-keyed one.
+            torch.manual_seed(cfg.train.seed + state.step)
+        get_logger().info("resumed from %s at step %d (saved at %s)", resume, state.step,
+                          _describe_layout(manifest["layout"]))
+        return state
+
+
+def _describe_layout(layout: dict[str, int]) -> str:
+    return f"world={layout['world_size']} = tp {layout['tp']} x cp {layout['cp']} x dp {layout['dp']}"
+
+
+def checkpoint_meta(cfg: RunConfig, *, step: int) -> dict[str, Any]:
+    """What a checkpoint's manifest records besides the tensors: the configs needed to
+    rebuild the model, and the data position of the next step."""
+    next_stage = stage_config(cfg, stage_at(cfg, step))
+    return {"rope": dataclasses.asdict(cfg.rope), "precision": cfg.train.precision,
+            "total_steps": cfg.train.steps, "optim": dataclasses.asdict(cfg.optim),
+            "data": data_state(next_stage.data, step=step),
+            "tokens_seen": sum(min(max(step - s.first_step, 0), s.end_step - s.first_step)
+                               * cfg.data.batch_size * s.seq_len for s in stages(cfg))}
+
+
+def _should_save(cfg: RunConfig, step: int) -> bool:
+    every = cfg.checkpoint.every
+    if step == cfg.train.steps:
+        return cfg.checkpoint.save_final
+    return every > 0 and step % every == 0
+
+
+def _enter_stage(cfg: RunConfig, state: TrainState, stage: Stage) -> RunConfig:
+    """The stage's config; rebuilds the mesh when the stage changes the CP degree."""
+    scfg = stage_config(cfg, stage)
+    if stage.cp != state.runtime.dims.cp:
+        from longtrain.attention.ulysses import hierarchical_cp_sizes
+
+        dims = ParallelDims.from_config(scfg.parallel)
+        state.runtime = remesh(state.runtime, dims, timeout_s=cfg.parallel.timeout_s,
+                               cp_sizes=hierarchical_cp_sizes(cfg.attention.backend,
+                                                              cfg.attention.ulysses_degree,
+                                                              stage.cp))
+    if len(stages(cfg)) > 1:
+        get_logger().info("stage %d: steps %d-%d at seq_len %d (%s)", stage.index,
+                          stage.first_step + 1, stage.end_step, stage.seq_len,
+                          state.runtime.dims.describe())
+    return scfg
 
 
 def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None = None
           ) -> Iterator[dict[str, Any]]:
-    """Run `cfg.train.steps` optimizer steps; yield one metrics dict per step."""
-    log = get_logger()
-    torch.manual_seed(cfg.train.seed)
+    """Run to `cfg.train.steps` optimizer steps (from `state.step`), stage by stage; yield
+    one metrics dict per step. Saves checkpoints as `cfg.checkpoint` says."""
     if state is None:
         state = TrainState.create(cfg, runtime)
+    for stage in stages(cfg):
+        if state.step >= stage.end_step:
+            continue
+        scfg = _enter_stage(cfg, state, stage)
+        yield from _train_stage(scfg, state, end_step=stage.end_step, total_cfg=cfg)
+
+
+def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg: RunConfig
+                 ) -> Iterator[dict[str, Any]]:
+    log = get_logger()
+    runtime = state.runtime
     model, optimizer = state.model, state.optimizer
     model.train()
     ctx = attention_context(runtime)
@@ -81,10 +160,10 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
                                         dp_rank=runtime.dp_rank, cp_size=dims.cp,
                                         cp_rank=runtime.cp_rank))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    log.info("training %s for %d steps (%s), %d tokens per step", cfg.model.name,
-             cfg.train.steps, dims.describe(), tokens_per_step)
+    log.info("training %s for steps %d-%d (%s), %d tokens per step", cfg.model.name,
+             state.step + 1, end_step, dims.describe(), tokens_per_step)
     try:
-        while state.step < cfg.train.steps:
+        while state.step < end_step:
             t0 = time.perf_counter()
             micro = [mb.to(runtime.device) for mb in next(data)]
             t_data = time.perf_counter() - t0
@@ -108,6 +187,15 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
             dt = time.perf_counter() - t0
             state.step += 1
             extra = {}
+            if _should_save(total_cfg, state.step):
+                from longtrain.checkpoint.native import save_train_state
+
+                t_save = time.perf_counter()
+                save_train_state(total_cfg.checkpoint_dir, step=state.step, model=model,
+                                 optimizer=optimizer, runtime=runtime,
+                                 keep=total_cfg.checkpoint.keep,
+                                 meta=checkpoint_meta(total_cfg, step=state.step))
+                extra["checkpoint_save_s"] = time.perf_counter() - t_save
             if check:
                 extra["attn_parity_err"] = model.layers[0].attn.last_parity_error
             yield {

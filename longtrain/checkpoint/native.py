@@ -1,0 +1,396 @@
+"""Native checkpoints: torch.distributed.checkpoint (DCP), sharded and reshardable.
+
+Layout of a checkpoint root (`checkpoint.dir`, default `<output_dir>/checkpoints`):
+
+    step_00000100/            one complete checkpoint
+        manifest.json         step, configs, layout, data position, every file and its size
+        .metadata, *.distcp   DCP's files
+    .step_00000200.tmp/       a save in progress (never read; removed by the next save)
+
+Tensors are stored under canonical Hugging Face names (`model.<name>`, `optim.exp_avg.<name>`,
+...), each TP-sharded one as a DTensor over the TP group sharded along the dimension TP
+splits it, so DCP records global offsets and any other layout (another TP, CP or DP degree,
+or one process) loads it: DCP reads exactly the pieces each rank needs. Replicated copies
+(DP and CP ranks, norms) are written once.
+
+A save writes into the hidden temporary directory; only after every rank finished and the
+manifest (written last) is in place is it renamed to `step_N`. A crash mid-save leaves the
+previous checkpoints untouched, and a truncated or altered file is caught by the manifest's
+sizes before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.config.schema import ModelConfig, RopeConfig
+from longtrain.observability.log import get_logger
+
+if TYPE_CHECKING:
+    from longtrain.model.llama import LlamaModel
+    from longtrain.parallel.runtime import ParallelRuntime
+    from longtrain.train.optim import Optimizer
+
+__all__ = ["CheckpointError", "find_checkpoint", "is_native_checkpoint", "list_checkpoints",
+           "load_train_state", "open_native_weights", "read_manifest", "resolve_resume",
+           "save_train_state",
+           "write_weights_checkpoint"]
+
+FORMAT = "longtrain-dcp/1"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit the run (names the path)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------
+# finding and verifying
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the checkpoint directory `path`, after checking that every file it
+    lists is present with its recorded size."""
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST}: it is incomplete (a save "
+                              f"that did not finish) or not a longtrain checkpoint")
+    try:
+        with open(file, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: malformed manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{file}: format {got!r} is not {FORMAT!r}")
+    problems = []
+    for name, size in sorted(manifest.get("files", {}).items()):
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(fpath) != size:
+            problems.append(f"{name} is {os.path.getsize(fpath)} bytes, the manifest says {size}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or damaged: "
+                              + "; ".join(problems))
+    return manifest
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints under `root` (those with a manifest), by step."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, MANIFEST)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def is_native_checkpoint(path: str) -> bool:
+    """True for a checkpoint directory or a root holding `step_*` checkpoints."""
+    return os.path.isfile(os.path.join(path, MANIFEST)) or bool(list_checkpoints(path))
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint `path` names: itself if it is one, else the newest complete one under
+    it. Verified (see `read_manifest`); raises CheckpointError naming the path otherwise."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        read_manifest(path)
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"{path!r} is not a longtrain checkpoint: no {MANIFEST} in it and "
+                              f"no complete step_* checkpoints under it")
+    newest = found[-1][1]
+    read_manifest(newest)
+    return newest
+
+
+def manifest_configs(manifest: dict[str, Any]) -> tuple[ModelConfig, RopeConfig]:
+    return ModelConfig(**manifest["model"]), RopeConfig(**manifest["rope"])
+
+
+# ---------------------------------------------------------------------------------------
+# canonical views of this rank's tensors
+
+
+def _tp_mesh(runtime: "ParallelRuntime"):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(runtime.tp_group, runtime.device.type)
+
+
+def _canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor], *,
+                     mesh) -> dict[str, torch.Tensor]:
+    """canonical name -> this rank's part of it, viewing (sharing storage with) the local
+    tensors: a DTensor over the TP mesh for TP-sharded tensors, the tensor itself otherwise.
+
+    `local_by_name` maps the model's parameter names to tensors shaped like the parameters
+    (the parameters, their fp32 masters or optimizer moments)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from longtrain.model.sharding import canonical_shapes, shard_specs
+
+    tp, tp_rank = model.shape.tp, model.tp_rank
+    shapes = canonical_shapes(model)
+    out: dict[str, torch.Tensor] = {}
+    for spec in shard_specs(model):
+        # detached: DCP loads in place, which autograd refuses on views of parameters
+        local = local_by_name[spec.local_name].detach()
+        if spec.dim is None:
+            out[spec.pieces[0]] = local
+            continue
+        offset = 0
+        for name in spec.pieces:
+            full = shapes[name]
+            per_rank = -(-full[spec.dim] // tp)
+            # torch.chunk semantics (DTensor's): with vocabulary padding the last ranks hold
+            # fewer real rows, or none; padding rows are not part of the canonical tensor.
+            valid = max(0, min(per_rank, full[spec.dim] - tp_rank * per_rank))
+            view = local.narrow(spec.dim, offset, valid)
+            offset += per_rank
+            if tp == 1:
+                out[name] = view
+                continue
+            stride = torch.empty(full, device="meta").stride()
+            out[name] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
+                                           shape=torch.Size(full), stride=stride)
+    return out
+
+
+def _ensure_adam_state(optimizer: "Optimizer") -> None:
+    """Zero moments for parameters that have not been stepped yet (a checkpoint at step 0)."""
+    for m in optimizer.master:
+        state = optimizer.inner.state[m]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+
+
+def _train_state_dict(model: "LlamaModel", optimizer: "Optimizer", *, mesh,
+                      rank_key: str) -> dict[str, Any]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_param = {id(p): m for p, m in zip(optimizer.params, optimizer.master)}
+    params = dict(model.named_parameters())
+    master = {n: by_param[id(params[n])] for n in names}
+    _ensure_adam_state(optimizer)
+    sd: dict[str, Any] = {}
+    for name, view in _canonical_views(model, master, mesh=mesh).items():
+        sd[f"model.{name}"] = view
+    for moment in _MOMENTS:
+        moments = {n: optimizer.inner.state[master[n]][moment] for n in names}
+        for name, view in _canonical_views(model, moments, mesh=mesh).items():
+            sd[f"optim.{moment}.{name}"] = view
+    # AdamW's step count is the same for every parameter: one scalar.
+    sd["optim.step"] = optimizer.inner.state[master[names[0]]]["step"].detach().clone().cpu()
+    sd[rank_key] = torch.get_rng_state()
+    return sd
+
+
+# ---------------------------------------------------------------------------------------
+# save
+
+
+def _files_with_sizes(path: str) -> dict[str, int]:
+    return {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, name)) and name != MANIFEST}
+
+
+def _write_manifest(path: str, manifest: dict[str, Any]) -> None:
+    manifest = {**manifest, "files": _files_with_sizes(path)}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def _commit(tmp: str, final: str) -> None:
+    """Rename the finished `tmp` to `final`; an existing `final` is removed only after."""
+    if os.path.lexists(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def prune(root: str, *, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints under `root`; returns them."""
+    found = list_checkpoints(root)
+    doomed = [path for _, path in found[:-keep]] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _barrier(runtime: Optional["ParallelRuntime"]) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "Optimizer",
+                     runtime: "ParallelRuntime", keep: int, meta: dict[str, Any]) -> str:
+    """Write the full training state at `step` under `root` (a collective: every rank calls
+    it); returns the checkpoint's path. `meta` (configs, data position, ...) goes into the
+    manifest. Keeps the newest `keep` checkpoints."""
+    import torch.distributed.checkpoint as dcp
+
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
+    is_coordinator = runtime.rank == 0
+    t0 = time.perf_counter()
+    if is_coordinator:
+        os.makedirs(root, exist_ok=True)
+        # a previous attempt at this step that died mid-save
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(runtime)
+    sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
+                           rank_key=f"rng.rank{runtime.rank}")
+    dcp.save(sd, checkpoint_id=tmp)
+    _barrier(runtime)
+    if is_coordinator:
+        dims = runtime.dims
+        _write_manifest(tmp, {
+            "format": FORMAT, "step": step, "created": time.time(),
+            "layout": {"world_size": dims.world_size, "tp": dims.tp, "cp": dims.cp,
+                       "dp": dims.dp},
+            "model": dataclasses.asdict(model.cfg), "weights_only": False, **meta,
+        })
+        _commit(tmp, final)
+        removed = prune(root, keep=keep)
+        get_logger().info("saved checkpoint %s in %.2f s%s", final, time.perf_counter() - t0,
+                          f" (removed {len(removed)} older)" if removed else "")
+    _barrier(runtime)
+    return final
+
+
+def write_weights_checkpoint(path: str, tensors: dict[str, torch.Tensor], *,
+                             model: ModelConfig, rope: RopeConfig,
+                             meta: Optional[dict[str, Any]] = None) -> str:
+    """A weights-only native checkpoint of canonical tensors, written by one process (the
+    Hugging Face -> native import). Usable as `init.from`, not for resuming."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.abspath(path)
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dcp.save({f"model.{k}": v.contiguous() for k, v in tensors.items()}, checkpoint_id=tmp,
+             no_dist=True)
+    _write_manifest(tmp, {"format": FORMAT, "step": 0, "created": time.time(),
+                          "layout": {"world_size": 1, "tp": 1, "cp": 1, "dp": 1},
+                          "model": dataclasses.asdict(model), "rope": dataclasses.asdict(rope),
+                          "weights_only": True, **(meta or {})})
+    _commit(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# load
+
+
+def load_train_state(path: str, *, model: "LlamaModel", optimizer: "Optimizer",
+                     runtime: "ParallelRuntime") -> dict[str, Any]:
+    """Restore model, optimizer and (same world size) RNG from the checkpoint at `path` into
+    this rank's layout, whatever layout saved it (a collective). Returns the manifest."""
+    import torch.distributed.checkpoint as dcp
+
+    manifest = read_manifest(path)
+    if manifest.get("weights_only"):
+        raise CheckpointError(f"checkpoint {path!r} holds weights only (no optimizer state): "
+                              f"start from it with init.from={path}, not by resuming")
+    saved_model = manifest.get("model", {})
+    ours = dataclasses.asdict(model.cfg)
+    diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, run {v!r}" for k, v in ours.items()
+             if k not in ("name", "max_position_embeddings") and saved_model.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path!r} was saved from another model: "
+                              + "; ".join(diffs))
+    same_world = manifest["layout"]["world_size"] == runtime.dims.world_size
+    rank_key = f"rng.rank{runtime.rank}"
+    sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime), rank_key=rank_key)
+    if not same_world:
+        # Per-rank RNG streams do not map onto another world size; the loop reseeds.
+        del sd[rank_key]
+    step_tensor = sd["optim.step"]
+    dcp.load(sd, checkpoint_id=path)
+    for m in optimizer.master:
+        optimizer.inner.state[m]["step"] = step_tensor.clone()
+    if same_world:
+        torch.set_rng_state(sd[rank_key])
+    if optimizer.mixed:
+        with torch.no_grad():
+            for p, m in zip(optimizer.params, optimizer.master):
+                p.copy_(m.to(p.dtype))
+    return manifest
+
+
+@contextmanager
+def open_native_weights(path: str) -> Iterator[Callable[[str], torch.Tensor]]:
+    """Getter of full canonical tensors from a native checkpoint, read in one process (no
+    process group needed): `get(name)` reads only that tensor's pieces."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = find_checkpoint(path)
+    meta = dcp.FileSystemReader(path).read_metadata()
+
+    def get(name: str) -> torch.Tensor:
+        key = f"model.{name}"
+        entry = meta.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"checkpoint {path!r} has no tensor {name!r}")
+        out = torch.empty(entry.size, dtype=entry.properties.dtype)
+        dcp.load({key: out}, checkpoint_id=path, no_dist=True)
+        return out
+
+    yield get
+
+
+def resolve_resume(resume: str, *, checkpoint_dir: str) -> Optional[str]:
+    """The checkpoint a run continues from: `checkpoint.resume` = "never" -> None; "auto" ->
+    the newest complete checkpoint in `checkpoint_dir` (None if there is none; a damaged
+    newest one is skipped with a warning); a path -> that checkpoint (or the newest under
+    it), verified."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return find_checkpoint(resume)
+    for _, path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            read_manifest(path)
+        except CheckpointError as exc:
+            get_logger().warning("skipping checkpoint: %s", exc)
+            continue
+        return path
+    return None

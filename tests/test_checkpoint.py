@@ -1,0 +1,154 @@
+"""Native checkpoints: resuming continues the same loss curve, in the same layout and in
+another one (resharding), a checkpoint reads in one process, and damaged or missing
+checkpoints are refused without touching the good ones."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import rel_err
+from longtrain.checkpoint.native import (CheckpointError, find_checkpoint, list_checkpoints,
+                                         open_native_weights, read_manifest, resolve_resume)
+from longtrain.parallel.spawn import run_distributed
+
+STEPS, SAVE_AT = 6, 3
+# different layouts sum in different orders: the CP loss-curve tolerance
+LAYOUT_RTOL = 1e-4
+
+
+def _cfg(world: int, tp: int, cp: int, out: str, *, resume: str = "never", every: int = SAVE_AT):
+    from longtrain.config.schema import RunConfig
+
+    cfg = RunConfig()
+    cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp = world, tp, cp
+    cfg.attention.backend = "ring" if cp > 1 else "dense"
+    cfg.model.vocab_size = 301  # odd: the vocabulary is padded under TP
+    cfg.data.seq_len, cfg.data.batch_size = 256, 4
+    cfg.train.steps = STEPS
+    cfg.optim.warmup_steps = 2
+    cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.resume = every, 2, resume
+    cfg.output_dir = out
+    return cfg
+
+
+def _run(rt, out: str, resume: str, stop_after: int, tag: str) -> None:
+    """Train (resuming per `resume`), stop after `stop_after` steps of this process; rank 0
+    writes the losses and the canonical weights at the end."""
+    from longtrain.model.sharding import canonical_state_dict
+    from longtrain.train.loop import TrainState, train
+
+    d = rt.dims
+    cfg = _cfg(d.world_size, d.tp, d.cp, out, resume=resume)
+    state = TrainState.create(cfg, rt)
+    start = state.step
+    losses = []
+    for m in train(cfg, rt, state=state):
+        losses.append(m["loss"])
+        if len(losses) == stop_after:
+            break
+    weights = canonical_state_dict(state.model, group=state.runtime.tp_group)
+    if rt.rank == 0:
+        torch.save({"start": start, "losses": losses, "weights": weights},
+                   os.path.join(out, f"{tag}.pt"))
+
+
+def _load(out: str, tag: str) -> dict:
+    return torch.load(os.path.join(out, f"{tag}.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("full"))
+    run_distributed(_run, world_size=1, args=(out, "never", STEPS, "full"))
+    return _load(out, "full")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> str:
+    """A TP=2 x CP=2 run stopped after step SAVE_AT (its checkpoint), as a crash would."""
+    out = str(tmp_path_factory.mktemp("tp2cp2"))
+    run_distributed(_run, world_size=4, tp=2, cp=2, args=(out, "never", SAVE_AT, "first"))
+    return out
+
+
+def test_checkpoint_holds_the_canonical_weights_and_reads_in_one_process(interrupted):
+    first = _load(interrupted, "first")
+    path = find_checkpoint(os.path.join(interrupted, "checkpoints"))
+    manifest = read_manifest(path)
+    assert manifest["step"] == SAVE_AT and manifest["layout"] == {"world_size": 4, "tp": 2,
+                                                                    "cp": 2, "dp": 1}
+    assert manifest["data"]["step"] == SAVE_AT and manifest["data"]["seq_len"] == 256
+    with open_native_weights(path) as get:
+        for name, tensor in first["weights"].items():
+            # saved after step 3, the weights the run held when it stopped
+            assert torch.equal(get(name), tensor), name
+        with pytest.raises(CheckpointError, match="no tensor 'model.nope'"):
+            get("model.nope")
+
+
+@pytest.mark.parametrize("world,tp,cp", [(4, 1, 4), (1, 1, 1), (4, 2, 2)],
+                         ids=["tp1xcp4", "one-process", "same-layout"])
+def test_resume_in_any_layout_continues_the_uninterrupted_curve(
+        uninterrupted, interrupted, tmp_path, world, tp, cp):
+    import shutil
+
+    out = str(tmp_path)
+    shutil.copytree(os.path.join(interrupted, "checkpoints"), os.path.join(out, "checkpoints"))
+    run_distributed(_run, world_size=world, tp=tp, cp=cp, args=(out, "auto", STEPS, "resumed"))
+    first, resumed = _load(interrupted, "first"), _load(out, "resumed")
+    assert resumed["start"] == SAVE_AT
+    curve = first["losses"] + resumed["losses"]
+    assert len(curve) == STEPS
+    worst = max(rel_err(torch.tensor(a), torch.tensor(b))
+                for a, b in zip(curve, uninterrupted["losses"]))
+    assert worst < LAYOUT_RTOL, (curve, uninterrupted["losses"])
+    for name, tensor in uninterrupted["weights"].items():
+        assert rel_err(resumed["weights"][name], tensor) < 1e-3, name
+    # the resumed run saved its final step; keep=2 leaves steps 3 and 6
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [SAVE_AT, STEPS]
+
+
+def _truncate(path: str) -> str:
+    name = max((n for n in os.listdir(path) if n.endswith(".distcp")),
+               key=lambda n: os.path.getsize(os.path.join(path, n)))
+    with open(os.path.join(path, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(path, name)) // 2)
+    return name
+
+
+def test_damaged_missing_and_foreign_checkpoints_are_refused(interrupted, tmp_path):
+    import shutil
+
+    root = os.path.join(tmp_path, "checkpoints")
+    shutil.copytree(os.path.join(interrupted, "checkpoints"), root)
+    good = find_checkpoint(root)
+    # a second, newer checkpoint whose largest file is cut short
+    newer = os.path.join(root, "step_00000004")
+    shutil.copytree(good, newer)
+    manifest = json.load(open(os.path.join(newer, "manifest.json")))
+    manifest["step"] = 4
+    json.dump(manifest, open(os.path.join(newer, "manifest.json"), "w"))
+    name = _truncate(newer)
+    with pytest.raises(CheckpointError, match=rf"truncated or damaged: {name} is \d+ bytes, "
+                                              rf"the manifest says \d+"):
+        find_checkpoint(newer)
+    with pytest.raises(CheckpointError, match="truncated"):
+        find_checkpoint(root)
+    # auto-resume skips the damaged newest one and takes the last good one
+    assert resolve_resume("auto", checkpoint_dir=root) == good
+    assert resolve_resume("never", checkpoint_dir=root) is None
+    assert resolve_resume("auto", checkpoint_dir=os.path.join(tmp_path, "none")) is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume(os.path.join(tmp_path, "nowhere"), checkpoint_dir=root)
+    os.makedirs(os.path.join(tmp_path, "empty"))
+    with pytest.raises(CheckpointError, match="not a longtrain checkpoint"):
+        find_checkpoint(os.path.join(tmp_path, "empty"))
+    os.remove(os.path.join(newer, "manifest.json"))
+    with pytest.raises(CheckpointError, match="no manifest.json: it is incomplete"):
+        read_manifest(newer)
+    # without a manifest it is not listed at all: an unfinished save is invisible
+    assert [s for s, _ in list_checkpoints(root)] == [SAVE_AT]
