@@ -7,6 +7,7 @@ the user-facing contract (`parallel.tp=`, `data.seq_len=`, ...): rename nothing.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -65,7 +66,7 @@ class ParallelConfig:
 class RopeConfig:
     """Rotary embedding and context-extension method (names follow transformers' rope_type)."""
 
-    # none | linear | dynamic_ntk | yarn | llama3 | abf
+    # none | linear | dynamic_ntk | yarn | llama3 | abf | entropy_abf
     scaling: str = "none"
     theta: float = 10000.0
     factor: float = 1.0
@@ -81,6 +82,8 @@ class RopeConfig:
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # entropy_abf: the first this-many layers keep unscaled queries (the paper leaves 2)
+    entropy_unscaled_layers: int = 2
 
 
 @dataclass
@@ -158,13 +161,48 @@ class DataConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a progressive length schedule (`train.schedule`)."""
+
+    seq_len: int = 1024
+    steps: int = 100
+    # None: keep parallel.cp; a stage may grow CP (data parallelism shrinks to match)
+    cp: Optional[int] = None
+    # None: keep data.micro_batch_size
+    micro_batch_size: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
+    # With a schedule: set to the schedule's total (the stages' steps summed).
     steps: int = 300
     # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
     precision: str = "fp32"
     seed: int = 1234
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
     save_hf: bool = True
+    # Progressive length schedule, e.g. 4K -> 16K -> 64K:
+    #   train.schedule='[{seq_len:4096,steps:200},{seq_len:16384,steps:100,cp:4}]'
+    # Each stage trains `steps` steps at `seq_len` (data.seq_len is the first stage's);
+    # empty: one stage of train.steps at data.seq_len.
+    schedule: List[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    """Native sharded checkpoints (torch.distributed.checkpoint), reshardable on load."""
+
+    # Save every N steps (0: only at the end); the last step is always saved.
+    every: int = 100
+    # Newest complete checkpoints kept (older ones are deleted after each save).
+    keep: int = 2
+    # None: <output_dir>/checkpoints
+    dir: Optional[str] = None
+    # auto: continue from the newest checkpoint in `dir` if there is one; never; or the path
+    # of a checkpoint (or of a checkpoint directory: its newest) - any parallel layout.
+    resume: str = "auto"
+    # Save at the end of training (the final step).
+    save_final: bool = True
 
 
 @dataclass
@@ -209,7 +247,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # `init.from=<dir>`: a Hugging Face directory to start from; `init.required` (set by
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # `init.from=<dir>`: a Hugging Face directory or a native checkpoint to take the weights
+    # from (not the optimizer: that is `checkpoint.resume`); `init.required` (set by
     # experiment=extend) refuses to start without one. A dict because `from` is a Python
     # keyword and cannot be a dataclass field; unknown keys are still refused.
     init: Dict[str, Any] = field(default_factory=lambda: {"from": None, "required": False})
@@ -219,3 +259,7 @@ class RunConfig:
     @property
     def init_from(self) -> Optional[str]:
         return self.init.get("from")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
