@@ -3,6 +3,7 @@ validation (fails here, before any worker starts) -> Ray worker group."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -22,9 +23,10 @@ def prepare(dcfg: DictConfig):
     from longtrain.checkpoint.hf import apply_init_from
     from longtrain.config.validate import validate
     from longtrain.data.prepare import prepare_data
+    from longtrain.train.schedule import apply_schedule
 
     cfg = to_run_config(dcfg)
-    cfg = apply_init_from(cfg)
+    cfg = apply_init_from(apply_schedule(cfg))
     validate(cfg)
     return prepare_data(cfg)
 
@@ -47,6 +49,14 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
     if data_line:
         print(f"longtrain: {data_line}", flush=True)
 
+    from longtrain.checkpoint.native import resolve_resume
+
+    # resolved once here, so every worker continues from the same checkpoint
+    resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                  resume=resume or "never"))
+    if resume:
+        print(f"longtrain: resuming from {resume}", flush=True)
     print(f"longtrain: {cfg.model.name} model, attention={cfg.attention.backend}, "
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
           f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps -> {cfg.output_dir}", flush=True)

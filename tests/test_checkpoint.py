@@ -152,3 +152,73 @@ def test_damaged_missing_and_foreign_checkpoints_are_refused(interrupted, tmp_pa
         read_manifest(newer)
     # without a manifest it is not listed at all: an unfinished save is invisible
     assert [s for s, _ in list_checkpoints(root)] == [SAVE_AT]
+
+
+def _our_logits(rt, source: str, tokens_bt: torch.Tensor, out_path: str) -> None:
+    """Logits of a model whose weights come from `source` (init.from), in this layout."""
+    from longtrain.checkpoint.hf import apply_init_from
+    from longtrain.config.schema import RunConfig
+    from longtrain.model.sharding import gather_vocab_logits
+    from longtrain.train.loop import build_model
+
+    cfg = RunConfig()
+    cfg.parallel.world_size, cfg.parallel.tp = rt.dims.world_size, rt.dims.tp
+    cfg.init = {"from": source, "required": True}
+    cfg = apply_init_from(cfg)
+    model = build_model(cfg, rt)
+    with torch.no_grad():
+        logits = gather_vocab_logits(model(tokens_bt), vocab_size=cfg.model.vocab_size,
+                                     tp=rt.dims.tp, group=rt.tp_group)
+    if rt.rank == 0:
+        torch.save(logits, out_path)
+
+
+def test_export_from_a_sharded_checkpoint_reproduces_its_logits_in_transformers(
+        interrupted, tmp_path, capsys):
+    import transformers
+    from safetensors.torch import load_file
+
+    from longtrain_launch.export import main
+
+    root = os.path.join(interrupted, "checkpoints")
+    hf_dir, native_dir, hf_again = (os.path.join(tmp_path, n) for n in ("hf", "native", "hf2"))
+    assert main([f"checkpoint={root}", f"out={hf_dir}"]) == 0
+    tokens_bt = torch.randint(0, 301, (2, 64), generator=torch.Generator().manual_seed(7))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(tokens_bt).logits
+    # saved at TP=2 x CP=2, read at TP=2 (another mesh) and in transformers (one process)
+    out = os.path.join(tmp_path, "ours.pt")
+    run_distributed(_our_logits, world_size=2, tp=2, args=(root, tokens_bt, out))
+    assert rel_err(torch.load(out, weights_only=True), ref) < 1e-5
+    # HF -> native (weights only) -> HF gives back the same tensors bit for bit
+    assert main([f"checkpoint={hf_dir}", f"out={native_dir}", "format=native"]) == 0
+    assert read_manifest(native_dir)["weights_only"] is True
+    assert main([f"checkpoint={native_dir}", f"out={hf_again}"]) == 0
+    first, again = load_file(f"{hf_dir}/model.safetensors"), load_file(f"{hf_again}/model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    # a bf16 export casts every tensor
+    assert main([f"checkpoint={root}", f"out={tmp_path}/bf16", "dtype=bf16"]) == 0
+    assert {t.dtype for t in load_file(f"{tmp_path}/bf16/model.safetensors").values()} == {torch.bfloat16}
+    # a weights-only checkpoint is refused for resuming (no optimizer state) before any worker
+    from longtrain.config.schema import RunConfig
+    from longtrain.config.validate import problems
+
+    cfg = RunConfig()
+    cfg.checkpoint.resume = native_dir
+    assert any(p.startswith(f"checkpoint.resume={native_dir!r} holds weights only")
+               for p in problems(cfg)), problems(cfg)
+
+
+def test_export_command_refuses_bad_arguments_naming_them(interrupted, tmp_path, capsys):
+    from longtrain_launch.export import main
+
+    assert main([f"checkpoint={tmp_path}/missing", f"out={tmp_path}/x"]) == 2
+    assert "checkpoint=" in capsys.readouterr().err
+    assert main(["chekpoint=a", "out=b"]) == 2
+    assert "unknown argument 'chekpoint=a'" in capsys.readouterr().err
+    assert main([f"checkpoint={interrupted}/checkpoints"]) == 2
+    assert "missing out" in capsys.readouterr().err
+    assert main([f"checkpoint={interrupted}/checkpoints", f"out={tmp_path}/y", "format=gguf"]) == 2
+    assert "format='gguf' is not one of ['hf', 'native']" in capsys.readouterr().err
+    assert not os.path.exists(f"{tmp_path}/y")

@@ -21,12 +21,12 @@ import shutil
 import tempfile
 import uuid
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
-from longtrain.model.rope import rope_from_hf, rope_to_hf
+from longtrain.model.rope import LONGTRAIN_ROPE_KEY, rope_from_hf, rope_to_hf
 from longtrain.observability.log import get_logger
 
 if TYPE_CHECKING:
@@ -380,6 +380,23 @@ def _replace_dir(new_dir: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _commit_export(writer: _ShardWriter, cfg: ModelConfig, rope: RopeConfig, *, out_dir: str,
+                   dtype: Optional[torch.dtype]) -> None:
+    """Finish the shards, write config.json and move the staged directory into place."""
+    writer.finish()
+    config = hf_config_dict(cfg, rope, dtype=dtype or writer.dtype or torch.float32)
+    own_rope = config.get(LONGTRAIN_ROPE_KEY)
+    if own_rope is not None:
+        get_logger().warning(
+            "export to %s: transformers does not scale attention queries (rope.scaling=%r), "
+            "so it loads this model as plain RoPE with theta %g and its logits differ from "
+            "ours at positions >= %d; longtrain reads the scaling back from config.json's %r",
+            out_dir, rope.scaling, rope.theta, own_rope["original_max_position_embeddings"],
+            LONGTRAIN_ROPE_KEY)
+    _write_json(os.path.join(writer.out_dir, CONFIG_NAME), config)
+    _replace_dir(writer.out_dir, out_dir)
+
+
 def _agree_on_failure(failed: bool, *, tp_group, device: torch.device) -> bool:
     """True on every rank if any rank of the group failed (so all ranks raise together)."""
     import torch.distributed as dist
@@ -433,10 +450,7 @@ def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=Non
                 error = exc
         if writer is not None and error is None:
             try:
-                writer.finish()
-                config = hf_config_dict(model.cfg, rope, dtype=dtype or writer.dtype or torch.float32)
-                _write_json(os.path.join(writer.out_dir, CONFIG_NAME), config)
-                _replace_dir(writer.out_dir, out_dir)
+                _commit_export(writer, model.cfg, rope, out_dir=out_dir, dtype=dtype)
                 committed = True
             except Exception as exc:
                 error = exc
@@ -459,17 +473,21 @@ _ROPE_SCALING_FIELDS = tuple(f.name for f in dataclasses.fields(RopeConfig) if f
 
 
 def apply_init_from(cfg: RunConfig) -> RunConfig:
-    """The run config to use when `init.from` is set (driver side, before workers start).
+    """The run config to use when `init.from` (a Hugging Face directory or a native
+    checkpoint) is set (driver side, before workers start).
 
     `model` is entirely the checkpoint's. RoPE is the checkpoint's, except that a scaling the
     user asked for (`rope.scaling` other than "none") replaces the checkpoint's scaling
-    fields, and for `abf` the user's theta replaces the checkpoint's theta. Returns `cfg`
-    itself when `init.from` is unset.
+    fields, and for `abf` and `entropy_abf` (whose point is the larger base) the user's theta
+    replaces the checkpoint's theta. Returns `cfg` itself when `init.from` is unset.
     """
     if not cfg.init_from:
         return cfg
+    from longtrain.checkpoint.source import read_model_source
+    from longtrain.train.schedule import stages
+
     path = str(cfg.init_from)
-    model, ckpt_rope = read_hf_config(path)
+    model, ckpt_rope = read_model_source(path)
     user = cfg.rope
     if user.scaling == "none":
         rope = ckpt_rope
@@ -478,12 +496,29 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
             get_logger().warning("init.from=%s uses rope scaling %r; rope.scaling=%r replaces it",
                                  path, ckpt_rope.scaling, user.scaling)
         scaling = {name: getattr(user, name) for name in _ROPE_SCALING_FIELDS}
-        theta = user.theta if user.scaling == "abf" else ckpt_rope.theta
+        theta = user.theta if user.scaling in ("abf", "entropy_abf") else ckpt_rope.theta
         if scaling.get("original_max_position_embeddings") is None:
             # Extending: the checkpoint's trained length is the "original" length the scaling
             # starts from, and the model now claims the new training length.
             scaling["original_max_position_embeddings"] = model.max_position_embeddings
         rope = dataclasses.replace(ckpt_rope, theta=theta, **scaling)
+        longest = max(stage.seq_len for stage in stages(cfg))
         model = dataclasses.replace(
-            model, max_position_embeddings=max(model.max_position_embeddings, cfg.data.seq_len))
+            model, max_position_embeddings=max(model.max_position_embeddings, longest))
     return dataclasses.replace(cfg, model=model, rope=rope)
+
+
+def write_hf(tensors: Iterable[tuple[str, torch.Tensor]], *, model: ModelConfig,
+             rope: RopeConfig, out_dir: str, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write canonical (name, full tensor) pairs as a Hugging Face directory, in one process
+    (the native -> Hugging Face conversion). Staged and renamed into place like `export_hf`."""
+    out_dir = os.path.abspath(out_dir)
+    rope_to_hf(rope, max_position_embeddings=model.max_position_embeddings)
+    writer = _ShardWriter(_make_staging_dir(out_dir), max_shard_bytes=max_shard_bytes)
+    try:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        _commit_export(writer, model, rope, out_dir=out_dir, dtype=None)
+    except BaseException:
+        shutil.rmtree(writer.out_dir, ignore_errors=True)
+        raise

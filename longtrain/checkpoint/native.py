@@ -130,7 +130,21 @@ def find_checkpoint(path: str) -> str:
 
 
 def manifest_configs(manifest: dict[str, Any]) -> tuple[ModelConfig, RopeConfig]:
-    return ModelConfig(**manifest["model"]), RopeConfig(**manifest["rope"])
+    """The model and RoPE configs a checkpoint was saved with (fields added since default)."""
+    def known(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    return known(ModelConfig, manifest["model"]), known(RopeConfig, manifest["rope"])
+
+
+def model_mismatch(manifest: dict[str, Any], model: ModelConfig) -> list[str]:
+    """The model fields whose saved values differ from `model` (name and the position limit
+    may differ: a resumed run can extend it)."""
+    saved = manifest.get("model", {})
+    return [f"model.{k}: checkpoint {saved.get(k)!r}, run {v!r}"
+            for k, v in dataclasses.asdict(model).items()
+            if k not in ("name", "max_position_embeddings") and saved.get(k) != v]
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,10 +343,7 @@ def load_train_state(path: str, *, model: "LlamaModel", optimizer: "Optimizer",
     if manifest.get("weights_only"):
         raise CheckpointError(f"checkpoint {path!r} holds weights only (no optimizer state): "
                               f"start from it with init.from={path}, not by resuming")
-    saved_model = manifest.get("model", {})
-    ours = dataclasses.asdict(model.cfg)
-    diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, run {v!r}" for k, v in ours.items()
-             if k not in ("name", "max_position_embeddings") and saved_model.get(k) != v]
+    diffs = model_mismatch(manifest, model.cfg)
     if diffs:
         raise CheckpointError(f"checkpoint {path!r} was saved from another model: "
                               + "; ".join(diffs))

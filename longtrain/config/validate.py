@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 
 from longtrain.config.errors import ConfigError
 from longtrain.config.schema import RunConfig
@@ -148,12 +147,57 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append("init.from is not set, but this experiment starts from a checkpoint "
                    "(init.required=true): pass init.from=<Hugging Face model dir>")
     if cfg.init_from is not None:
-        path = str(cfg.init_from)
-        if not os.path.isdir(path):
-            out.append(f"init.from={path!r} is not a directory")
-        elif not os.path.isfile(os.path.join(path, "config.json")):
-            out.append(f"init.from={path!r} has no config.json (expected a Hugging Face "
-                       f"model directory)")
+        from longtrain.checkpoint.source import source_problems
+
+        out += source_problems(str(cfg.init_from), field="init.from")
+    out += _checkpoint_problems(cfg)
+    out += _schedule_problems(cfg, out)
+    return out
+
+
+def _checkpoint_problems(cfg: RunConfig) -> list[str]:
+    c = cfg.checkpoint
+    out = []
+    if c.every < 0:
+        out.append(f"checkpoint.every={c.every} must be >= 0 (0: only the final step)")
+    if c.keep < 1:
+        out.append(f"checkpoint.keep={c.keep} must be >= 1")
+    if c.resume not in ("auto", "never"):
+        from longtrain.checkpoint.native import (CheckpointError, find_checkpoint,
+                                                 model_mismatch, read_manifest)
+
+        try:
+            manifest = read_manifest(find_checkpoint(c.resume))
+            if manifest.get("weights_only"):
+                out.append(f"checkpoint.resume={c.resume!r} holds weights only (no optimizer "
+                           f"state or data position): start from it with init.from instead")
+            diffs = model_mismatch(manifest, cfg.model)
+            if diffs:
+                out.append(f"checkpoint.resume={c.resume!r} was saved from another model: "
+                           + "; ".join(diffs))
+        except CheckpointError as exc:
+            out.append(f"checkpoint.resume: {exc}")
+    return out
+
+
+def _schedule_problems(cfg: RunConfig, found: list[str]) -> list[str]:
+    """Each stage's own layout and data shape (CP degree, seq_len vs 2*cp, batch vs dp),
+    reported once per stage and only where they add to what the run itself already broke."""
+    from longtrain.train.schedule import schedule_problems, stage_config, stages
+
+    out = schedule_problems(cfg)
+    if out or not cfg.train.schedule:
+        return out
+    for stage in stages(cfg):
+        scfg = stage_config(cfg, stage)
+        dims = ParallelDims.from_config(scfg.parallel)
+        stage_found = dims.problems() + _data_problems(scfg, dims)
+        from longtrain.attention.base import supports_cp
+
+        if stage.cp > 1 and not supports_cp(cfg.attention.backend):
+            stage_found.append(f"attention.backend={cfg.attention.backend!r} does not support "
+                               f"context parallelism (cp={stage.cp})")
+        out += [f"train.schedule[{stage.index}]: {p}" for p in stage_found if p not in found]
     return out
 
 

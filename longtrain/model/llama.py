@@ -20,7 +20,7 @@ from torch import nn
 
 from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
 from longtrain.config.schema import ModelConfig, RopeConfig
-from longtrain.model.rope import RotaryEmbedding, apply_rotary
+from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,15 @@ class Attention(nn.Module):
         )
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
-                meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+                meta: AttentionMeta, ctx: AttentionContext, *,
+                q_scale_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q_scale_bt: float32 [B, T] factor on the rotated queries (None: unscaled)."""
         b, t, _ = x_bth.shape
         s = self.shape
         d = s.head_dim
         qkv, _ = self.qkv(x_bth)
         q, k, v = qkv.split([s.local_heads * d, s.local_kv_heads * d, s.local_kv_heads * d], dim=-1)
-        q_bthd = apply_rotary(q.view(b, t, s.local_heads, d), cos_btd, sin_btd)
+        q_bthd = apply_rotary(q.view(b, t, s.local_heads, d), cos_btd, sin_btd, scale_bt=q_scale_bt)
         k_bthd = apply_rotary(k.view(b, t, s.local_kv_heads, d), cos_btd, sin_btd)
         v_bthd = v.view(b, t, s.local_kv_heads, d)
         o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
@@ -177,8 +179,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(shape, mp_config=mp_config)
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
-                meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
-        x_bth = x_bth + self.attn(self.attn_norm(x_bth), cos_btd, sin_btd, meta, ctx)
+                meta: AttentionMeta, ctx: AttentionContext, *,
+                q_scale_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_bth = x_bth + self.attn(self.attn_norm(x_bth), cos_btd, sin_btd, meta, ctx,
+                                  q_scale_bt=q_scale_bt)
         return x_bth + self.mlp(self.mlp_norm(x_bth))
 
 
@@ -234,11 +238,17 @@ class LlamaModel(nn.Module):
         """
         if positions_bt is None:
             positions_bt = torch.arange(tokens_bt.shape[1], device=tokens_bt.device).expand_as(tokens_bt)
+        rope = self.rotary.rope
         cos_btd, sin_btd = self.rotary(positions_bt, seq_len=seq_len)
+        # entropy_abf scales the queries of layers >= rope.entropy_unscaled_layers; every other
+        # scaling gets None.
+        q_scale_bt = query_scale(rope, positions_bt,
+                                 max_position_embeddings=self.cfg.max_position_embeddings)
         meta = AttentionMeta(causal=True, positions_bt=positions_bt, doc_ids_bt=doc_ids_bt)
         x_bth = self.embed(tokens_bt)
-        for layer in self.layers:
-            x_bth = layer(x_bth, cos_btd, sin_btd, meta, ctx)
+        for i, layer in enumerate(self.layers):
+            scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
+            x_bth = layer(x_bth, cos_btd, sin_btd, meta, ctx, q_scale_bt=q_scale_bt if scaled else None)
         x_bth = self.final_norm(x_bth)
         weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits, _ = self.head(x_bth, weight=weight)

@@ -5,6 +5,11 @@ that multiplies cos and sin, exactly as Hugging Face transformers defines them, 
 checkpoint trained here loads in transformers with identical attention logits
 (`rope_to_hf`) and a transformers checkpoint can be extended here (`rope_from_hf`).
 
+The one exception is `entropy_abf` (Entropy-ABF, Zhang et al. 2024, "Extending LLMs' Context
+Window with 100 Samples"): plain RoPE with a larger base, plus a per-position factor on the
+queries of all but the first layers (`query_scale`). transformers has no such factor, so its
+export carries our settings under `LONGTRAIN_ROPE_KEY` for `rope_from_hf` to read back.
+
 Shape legend:
     b  batch
     t  tokens held by this rank (positions are global, so they may not start at 0)
@@ -25,8 +30,10 @@ import torch
 from longtrain.config.schema import RopeConfig
 
 __all__ = [
+    "LONGTRAIN_ROPE_KEY",
     "RotaryEmbedding",
     "apply_rotary",
+    "query_scale",
     "rope_from_hf",
     "rope_inv_freq",
     "rope_to_hf",
@@ -34,6 +41,11 @@ __all__ = [
 
 # (rope, dim, original_max_position_embeddings, seq_len) -> (inv_freq_f float32, attention_scaling)
 InvFreqFn = Callable[[RopeConfig, int, int, int | None], tuple[torch.Tensor, float]]
+# (positions_bt int64, original_max_position_embeddings) -> query scale_bt float32
+QueryScaleFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+# config.json key holding the RoPE settings of a scaling transformers cannot reproduce.
+LONGTRAIN_ROPE_KEY = "longtrain_rope"
 
 
 def _exponents_f(dim: int) -> torch.Tensor:
@@ -136,6 +148,13 @@ def _llama3(
     return torch.where(is_medium_f, smoothed_f, scaled_f), 1.0
 
 
+def _entropy_query_scale(positions_bt: torch.Tensor, original: int) -> torch.Tensor:
+    # max(1, log(pos + 1) / log(original)). Positions inside the original context get exactly
+    # 1 (not a float32 rounding of it), so short sequences see the pretrained logits unchanged.
+    ratio_bt = torch.log1p(positions_bt.float()) * (1.0 / math.log(original))
+    return torch.where(positions_bt >= original, ratio_bt.clamp_min(1.0), 1.0)
+
+
 @dataclass(frozen=True)
 class _Scaling:
     # transformers' `rope_type`
@@ -147,6 +166,9 @@ class _Scaling:
     needs_factor: bool = False
     # transformers' dynamic NTK takes its original length from `max_position_embeddings`
     original_is_hf_max: bool = False
+    # Factor on the queries of layers >= rope.entropy_unscaled_layers. transformers has no
+    # such factor, so a scaling with one is also exported under LONGTRAIN_ROPE_KEY.
+    query_scale: QueryScaleFn | None = None
 
 
 _YARN_FIELDS = (
@@ -177,7 +199,10 @@ _SCALINGS: dict[str, _Scaling] = {
     ),
     "yarn": _Scaling("yarn", _yarn, _YARN_FIELDS, needs_factor=True),
     "llama3": _Scaling("llama3", _llama3, _LLAMA3_FIELDS, needs_factor=True),
+    "entropy_abf": _Scaling("default", _plain, query_scale=_entropy_query_scale),
 }
+# What LONGTRAIN_ROPE_KEY carries besides scaling and theta (the original length resolved).
+_LONGTRAIN_FIELDS = ("original_max_position_embeddings", "entropy_unscaled_layers")
 _FROM_HF_TYPE: dict[str, str] = {}
 for _name, _spec in _SCALINGS.items():
     _FROM_HF_TYPE.setdefault(_spec.hf_type, _name)
@@ -202,6 +227,17 @@ def _validate(rope: RopeConfig, *, max_position_embeddings: int) -> _Scaling:
         raise ValueError(
             f"rope.factor must be >= 1 for rope.scaling={rope.scaling!r}, got {rope.factor}"
         )
+    if spec.query_scale is not None:
+        if _original_max(rope, max_position_embeddings) < 2:
+            raise ValueError(
+                f"rope.scaling={rope.scaling!r} divides by log(original length): "
+                f"rope.original_max_position_embeddings (or model.max_position_embeddings) "
+                f"must be >= 2, got {_original_max(rope, max_position_embeddings)}"
+            )
+        if rope.entropy_unscaled_layers < 0:
+            raise ValueError(
+                f"rope.entropy_unscaled_layers must be >= 0, got {rope.entropy_unscaled_layers}"
+            )
     if rope.scaling == "llama3" and not rope.high_freq_factor > rope.low_freq_factor:
         raise ValueError(
             f"rope.high_freq_factor ({rope.high_freq_factor}) must be greater than "
@@ -312,12 +348,18 @@ def _rotate_half(x_bthd: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    x_bthd: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor
+    x_bthd: torch.Tensor,
+    cos_btd: torch.Tensor,
+    sin_btd: torch.Tensor,
+    *,
+    scale_bt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate x [B, T, H, D] (any float dtype) by cos/sin [B, T, D]; returns x's dtype.
 
     Uses HF Llama's rotate_half convention (dimension i pairs with i + D/2). The rotation is
     computed in float32 so bf16 inputs lose no precision beyond the final rounding.
+    scale_bt: optional float32 [B, T] factor applied to the rotated x before that rounding
+    (the query scale of `query_scale`).
     """
     if cos_btd.shape[-1] != x_bthd.shape[-1] or sin_btd.shape != cos_btd.shape:
         raise ValueError(
@@ -328,7 +370,28 @@ def apply_rotary(
     cos_bt1d = cos_btd.float().unsqueeze(2)
     sin_bt1d = sin_btd.float().unsqueeze(2)
     out_bthd = x_f32_bthd * cos_bt1d + _rotate_half(x_f32_bthd) * sin_bt1d
+    if scale_bt is not None:
+        out_bthd = out_bthd * scale_bt.float()[:, :, None, None]
     return out_bthd.to(x_bthd.dtype)
+
+
+def query_scale(
+    rope: RopeConfig, positions_bt: torch.Tensor, *, max_position_embeddings: int
+) -> torch.Tensor | None:
+    """Per-token factor on the queries, or None when `rope.scaling` has none.
+
+    Returns float32 [B, T] on positions_bt's device: for entropy_abf,
+    max(1, log(pos + 1) / log(L)) with L the original training length
+    (`rope.original_max_position_embeddings`, else `max_position_embeddings`), exactly 1 for
+    pos < L. positions_bt: int64 [B, T], true global positions (restarting per packed
+    document), so every context-parallel shard computes its own tokens' factors. Scaling a
+    query multiplies its attention logits by the factor; it applies to layers with index >=
+    `rope.entropy_unscaled_layers`, after the rotation.
+    """
+    spec = _validate(rope, max_position_embeddings=max_position_embeddings)
+    if spec.query_scale is None:
+        return None
+    return spec.query_scale(positions_bt, _original_max(rope, max_position_embeddings))
 
 
 def rope_to_hf(rope: RopeConfig, *, max_position_embeddings: int) -> dict[str, Any]:
@@ -338,7 +401,10 @@ def rope_to_hf(rope: RopeConfig, *, max_position_embeddings: int) -> dict[str, A
     `rope_parameters` (transformers-5 form). transformers 5 still reads `rope_scaling` and
     prefers it over `rope_parameters`, so both always describe the same thing. For
     dynamic_ntk the dict also sets `max_position_embeddings` to the original length, because
-    transformers' dynamic NTK uses that field as its threshold.
+    transformers' dynamic NTK uses that field as its threshold. For a scaling transformers
+    cannot reproduce (entropy_abf: its query scale) the standard keys describe the RoPE
+    transformers will apply (plain, with our theta) and `LONGTRAIN_ROPE_KEY` holds our
+    settings, which `rope_from_hf` reads back.
     """
     spec = _validate(rope, max_position_embeddings=max_position_embeddings)
     original = _original_max(rope, max_position_embeddings)
@@ -355,6 +421,10 @@ def rope_to_hf(rope: RopeConfig, *, max_position_embeddings: int) -> dict[str, A
     }
     if spec.original_is_hf_max:
         out["max_position_embeddings"] = original
+    if spec.query_scale is not None:
+        own = {name: original if name == "original_max_position_embeddings" else getattr(rope, name)
+               for name in _LONGTRAIN_FIELDS}
+        out[LONGTRAIN_ROPE_KEY] = {"scaling": rope.scaling, "theta": float(rope.theta), **own}
     return out
 
 
@@ -362,9 +432,35 @@ def _cast_like_field(name: str, value: Any) -> Any:
     default = getattr(RopeConfig(), name)
     if isinstance(default, bool):
         return bool(value)
-    if name == "original_max_position_embeddings":
+    if name == "original_max_position_embeddings" or isinstance(default, int):
         return int(value)
     return float(value)
+
+
+def _from_longtrain_key(own: Any, standard: RopeConfig) -> RopeConfig:
+    fields = ("scaling", "theta", *_LONGTRAIN_FIELDS)
+    if not isinstance(own, dict) or set(own) != set(fields):
+        raise ValueError(f"{LONGTRAIN_ROPE_KEY}={own!r} must be an object with keys {list(fields)}")
+    spec = _SCALINGS.get(own["scaling"])
+    if spec is None or spec.query_scale is None:
+        raise ValueError(
+            f"{LONGTRAIN_ROPE_KEY}.scaling={own['scaling']!r} is not a scaling that needs it; "
+            f"expected one of {sorted(n for n, s in _SCALINGS.items() if s.query_scale)}"
+        )
+    try:
+        values = {name: _cast_like_field(name, own[name]) for name in fields if name != "scaling"}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{LONGTRAIN_ROPE_KEY}={own!r} has a malformed value ({exc})") from exc
+    rope = RopeConfig(scaling=own["scaling"], **values)
+    # The standard keys are what transformers applies; if they were edited apart from ours,
+    # neither can be trusted.
+    if standard.theta != rope.theta or _SCALINGS[standard.scaling].hf_type != spec.hf_type:
+        raise ValueError(
+            f"{LONGTRAIN_ROPE_KEY} (scaling={rope.scaling!r}, theta={rope.theta}) disagrees with "
+            f"the standard keys (rope type {_SCALINGS[standard.scaling].hf_type!r}, "
+            f"rope_theta={standard.theta})"
+        )
+    return rope
 
 
 def rope_from_hf(hf_config: dict[str, Any]) -> RopeConfig:
@@ -375,6 +471,8 @@ def rope_from_hf(hf_config: dict[str, Any]) -> RopeConfig:
     The original length is resolved the way transformers resolves it (a top-level
     `original_max_position_embeddings`, then the dict, then `max_position_embeddings`; for
     dynamic always `max_position_embeddings`), so the result never depends on our defaults.
+    Our own `LONGTRAIN_ROPE_KEY` (written by `rope_to_hf` for entropy_abf), when present,
+    gives the scaling; it must agree with the standard keys.
     """
     params = dict(hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {})
     if any(isinstance(value, dict) for value in params.values()):
@@ -409,4 +507,7 @@ def rope_from_hf(hf_config: dict[str, Any]) -> RopeConfig:
             "original_max_position_embeddings", values.get("original_max_position_embeddings")
         )
         values["original_max_position_embeddings"] = hf_max if original is None else int(original)
-    return RopeConfig(**values)
+    standard = RopeConfig(**values)
+    if hf_config.get(LONGTRAIN_ROPE_KEY) is not None:
+        return _from_longtrain_key(hf_config[LONGTRAIN_ROPE_KEY], standard)
+    return standard

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longtrain.config.schema import ModelConfig
 from longtrain.model.llama import LlamaModel
 
 
@@ -58,10 +59,10 @@ def shard_specs(model: LlamaModel) -> list[ShardSpec]:
     return specs
 
 
-def canonical_shapes(model: LlamaModel) -> dict[str, tuple[int, ...]]:
-    """Shape of every canonical tensor the model needs (unpadded)."""
-    cfg = model.cfg
-    d = model.shape.head_dim
+def canonical_shapes(model: LlamaModel | ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every canonical tensor the model (or a model of this config) needs, unpadded."""
+    cfg = model if isinstance(model, ModelConfig) else model.cfg
+    d = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     h, i_size = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
                                           "model.norm.weight": (h,)}

@@ -1,0 +1,59 @@
+"""`longtrain-export`: convert a checkpoint, in one process, from any parallel layout.
+
+    longtrain-export checkpoint=outputs/run/checkpoints out=llama-ext format=hf [dtype=bf16]
+    longtrain-export checkpoint=/ckpts/Llama-3-8B out=ckpt/llama format=native
+
+`checkpoint` is a Hugging Face directory, a native checkpoint, or a directory of native
+checkpoints (its newest is used).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+USAGE = ("usage: longtrain-export checkpoint=<dir> out=<dir> [format=hf|native] "
+         "[dtype=auto|fp32|bf16|fp16]")
+_DEFAULTS = {"checkpoint": None, "out": None, "format": "hf", "dtype": "auto"}
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """key=value arguments -> options; raises ValueError naming unknown or missing keys."""
+    opts: dict[str, Optional[str]] = dict(_DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in _DEFAULTS:
+            raise ValueError(f"unknown argument {arg!r}; known: {', '.join(_DEFAULTS)}")
+        opts[key] = value
+    missing = [k for k in ("checkpoint", "out") if not opts[k]]
+    if missing:
+        raise ValueError(f"missing {' and '.join(missing)}")
+    return {k: str(v) for k, v in opts.items()}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from longtrain.checkpoint.convert import convert
+    from longtrain.checkpoint.source import source_problems
+    from longtrain.observability.log import configure_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n" + __doc__)
+        return 0
+    try:
+        opts = parse_args(argv)
+        problems = source_problems(opts["checkpoint"], field="checkpoint")
+        if problems:
+            raise ValueError("; ".join(problems))
+        configure_logging(console=True)
+        out = convert(opts["checkpoint"], opts["out"], format=opts["format"],
+                      dtype=opts["dtype"])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"longtrain-export: {exc}\n{USAGE}", file=sys.stderr)
+        return 2
+    print(f"longtrain-export: wrote {out} ({opts['format']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
