@@ -1,4 +1,5 @@
-"""The W&B adapter (the only module that imports wandb): config, per-step metrics, summary.
+"""The W&B adapter (the only module that imports wandb): config, per-step metrics, final
+results (images, tables), summary.
 
 Secrets never reach W&B: config values whose key looks like a credential are redacted.
 """
@@ -53,6 +54,20 @@ class WandbRun:
     def log(self, metrics: dict[str, Any], *, step: int) -> None:
         if self.run is not None:
             self.run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def log_results(self, metrics: dict[str, Any], *, images: Optional[dict[str, str]] = None,
+                    tables: Optional[dict[str, tuple[list[str], list[list[Any]]]]] = None) -> None:
+        """One record of final results: metrics under their own keys (no `train/` prefix),
+        PNG files as images and (columns, rows) as tables."""
+        if self.run is None:
+            return
+        import wandb
+
+        record: dict[str, Any] = dict(metrics)
+        record.update({k: wandb.Image(path) for k, path in (images or {}).items()})
+        record.update({k: wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+                       for k, (cols, rows) in (tables or {}).items()})
+        self.run.log(record)
 
     def finish(self, summary: dict[str, Any], *, exit_code: int = 0) -> None:
         if self.run is None:

@@ -1,0 +1,151 @@
+"""The Ray worker group shared by `longtrain-train` and `longtrain-eval`: a placement group
+with one bundle per rank, one actor per bundle, rank 0's rendezvous address, and teardown on
+every exit path.
+
+`RankActor` is the plain-Python base of the per-rank actors (the group wraps a class with
+`ray.remote`, so importing an actor module needs no Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+from longtrain.config.schema import AttentionConfig, LauncherConfig, ParallelConfig
+from longtrain.observability.log import get_logger
+
+if TYPE_CHECKING:
+    from longtrain.parallel.runtime import ParallelRuntime
+
+
+class GroupConfig(Protocol):
+    """What the group reads of a run's config (RunConfig and EvalRunConfig both have it)."""
+
+    attention: AttentionConfig
+    parallel: ParallelConfig
+    launcher: LauncherConfig
+    output_dir: str
+
+
+def init_ray(cfg: GroupConfig) -> bool:
+    """Start or join Ray; True when this process started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if cfg.launcher.kind == "local":
+        needed = cfg.parallel.world_size * cfg.launcher.cpus_per_worker
+        ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level="WARNING",
+                 _node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=cfg.launcher.address, log_to_driver=False, logging_level="WARNING")
+    return True
+
+
+def quiet_third_party() -> None:
+    # megatron-core warns at import that Transformer Engine / Apex are absent: expected here.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class RankActor:
+    """One rank of the group: logs to `<output_dir>/logs/rank<N>.log`, answers the
+    rendezvous (rank 0) and joins torch.distributed with the run's layout."""
+
+    def __init__(self, *, rank: int, cfg: GroupConfig) -> None:
+        from longtrain.observability.log import configure_logging
+
+        quiet_third_party()
+        if cfg.launcher.kind == "local":
+            # One machine: keep gloo's pair connections on loopback too.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        self.rank = rank
+        self.cfg = cfg
+        self.log_file = os.path.join(cfg.output_dir, "logs", f"rank{rank}.log")
+        configure_logging(rank=rank, log_file=self.log_file, console=False)
+
+    def rendezvous(self, *, loopback: bool) -> str:
+        """A `tcp://host:port` on this actor's node with a port free right now (rank 0 only).
+
+        A single-machine group rendezvous on loopback; a cluster on the node's address.
+        """
+        import ray
+
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        return f"tcp://{host}:{port}"
+
+    def join(self, init_method: str) -> "ParallelRuntime":
+        """Join the world and build the TP / CP / DP (and 2-D CP) groups of `cfg`; the caller
+        ends with `longtrain.parallel.runtime.shutdown_parallel()`."""
+        import torch
+
+        from longtrain.attention.ulysses import hierarchical_cp_sizes
+        from longtrain.parallel.dims import ParallelDims
+        from longtrain.parallel.runtime import init_parallel
+
+        cfg = self.cfg
+        torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
+        cp_sizes = hierarchical_cp_sizes(cfg.attention.backend, cfg.attention.ulysses_degree,
+                                         cfg.parallel.cp)
+        return init_parallel(ParallelDims.from_config(cfg.parallel), rank=self.rank,
+                             init_method=init_method, backend=cfg.parallel.backend,
+                             timeout_s=cfg.parallel.timeout_s, cp_sizes=cp_sizes)
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Actor handles in rank order and the address every rank joins torch.distributed at."""
+
+    workers: list[Any]
+    init_method: str
+
+
+@contextmanager
+def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
+                 ) -> Iterator[WorkerGroup]:
+    """Start `parallel.world_size` actors `actor_cls(rank=r, **actor_kwargs)` in a placement
+    group (one bundle per rank), ask rank 0 for the rendezvous (`actor_cls.rendezvous`), and
+    tear everything down when the block ends, however it ends. `cfg` and `actor_cls` are
+    positional-only, so the actors' own keyword arguments may include `cfg=`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    world = cfg.parallel.world_size
+    owns_ray = init_ray(cfg)
+    bundle = {"CPU": cfg.launcher.cpus_per_worker}
+    if cfg.launcher.gpus_per_worker:
+        bundle["GPU"] = cfg.launcher.gpus_per_worker
+    pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+    workers: list[Any] = []
+    try:
+        ray.get(pg.ready(), timeout=cfg.launcher.timeout_s)
+        remote_actor = ray.remote(actor_cls)
+        for rank in range(world):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                        placement_group_bundle_index=rank)
+            workers.append(remote_actor.options(
+                num_cpus=cfg.launcher.cpus_per_worker, num_gpus=cfg.launcher.gpus_per_worker,
+                scheduling_strategy=strategy, name=None,
+            ).remote(rank=rank, **actor_kwargs))
+        loopback = cfg.launcher.kind == "local"
+        init_method = ray.get(workers[0].rendezvous.remote(loopback=loopback),
+                              timeout=cfg.launcher.timeout_s)
+        get_logger().info("worker group: %d ranks, rendezvous %s", world, init_method)
+        yield WorkerGroup(workers=workers, init_method=init_method)
+    finally:
+        for w in workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(pg)
+        if owns_ray:
+            ray.shutdown()
