@@ -147,3 +147,37 @@ def test_extend_a_hugging_face_checkpoint_at_tp2_cp2(tmp_path):
         logits = ref(batch[:, :-1]).logits
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), batch[:, 1:].reshape(-1))
     assert abs(first - expected.item()) < 2e-4 * expected.item() + 1e-4, (first, expected.item())
+
+
+@pytest.mark.slow
+def test_a_rerun_in_the_same_directory_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Through the CLI and Ray: a run whose last checkpoint is lost (as after a crash at step
+    5) restarts in its directory from step 4 and ends with the uninterrupted run's weights."""
+    import shutil
+
+    import torch
+
+    from longtrain.checkpoint.native import list_checkpoints, open_native_weights
+
+    args = ("train.steps=6", "checkpoint.every=2", "checkpoint.keep=5", "data.seq_len=256",
+            "optim.warmup_steps=2", "logging.wandb.mode=disabled", "logging.progress=false",
+            "train.save_hf=false")
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    for out in (full, crashed):
+        res = _cli(*args, f"output_dir={out}", timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+    shutil.rmtree(crashed / "checkpoints" / "step_00000006")
+    res = _cli(*args, f"output_dir={crashed}", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming from" in res.stdout and "step_00000004" in res.stdout
+    assert "continuing at step 4" in (crashed / "logs" / "rank0.log").read_text()
+    assert [s for s, _ in list_checkpoints(str(crashed / "checkpoints"))] == [2, 4, 6]
+    with open_native_weights(str(full / "checkpoints")) as a, \
+            open_native_weights(str(crashed / "checkpoints")) as b:
+        for name in ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight",
+                     "lm_head.weight"):
+            assert torch.equal(a(name), b(name)), name
+    # checkpoint.resume=never starts over in the same directory
+    res = _cli(*args, "checkpoint.resume=never", "train.steps=2", f"output_dir={crashed}",
+               timeout=600)
+    assert res.returncode == 0 and "resuming" not in res.stdout
