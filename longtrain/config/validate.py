@@ -145,7 +145,7 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"init.{unknown_init[0]} is not a known field (init has: from, required)")
     if cfg.init.get("required") and cfg.init_from is None:
         out.append("init.from is not set, but this experiment starts from a checkpoint "
-                   "(init.required=true): pass init.from=<Hugging Face model dir>")
+                   "(init.required=true): pass init.from=<Hugging Face model dir or longtrain checkpoint>")
     if cfg.init_from is not None:
         from longtrain.checkpoint.source import source_problems
 
