@@ -222,3 +222,42 @@ def test_export_command_refuses_bad_arguments_naming_them(interrupted, tmp_path,
     assert main([f"checkpoint={interrupted}/checkpoints", f"out={tmp_path}/y", "format=gguf"]) == 2
     assert "format='gguf' is not one of ['hf', 'native']" in capsys.readouterr().err
     assert not os.path.exists(f"{tmp_path}/y")
+
+
+def _failing_save(rt, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from longtrain.checkpoint.native import save_train_state
+    from longtrain.train.loop import TrainState, checkpoint_meta
+
+    cfg = _cfg(1, 1, 1, out)
+    state = TrainState.create(cfg, rt)
+    root = os.path.join(out, "checkpoints")
+    save = lambda step: save_train_state(root, step=step, model=state.model,  # noqa: E731
+                                         optimizer=state.optimizer, runtime=rt, keep=2,
+                                         meta=checkpoint_meta(cfg, step=step))
+    good = save(1)
+    real_save = dcp.save
+
+    def dies_half_way(sd, *, checkpoint_id, **kw):
+        os.makedirs(checkpoint_id, exist_ok=True)
+        open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb").write(b"partial")
+        raise OSError("disk full")
+
+    dcp.save = dies_half_way
+    try:
+        # a failed save of a new step, and a failed re-save of the good step itself
+        for step in (2, 1):
+            with pytest.raises(OSError, match="disk full"):
+                save(step)
+            assert find_checkpoint(root) == good
+            assert [s for s, _ in list_checkpoints(root)] == [1]
+    finally:
+        dcp.save = real_save
+    # the next save succeeds and clears the leftovers of the failed one
+    assert save(2).endswith("step_00000002")
+    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002"]
+
+
+def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path):
+    run_distributed(_failing_save, world_size=1, args=(str(tmp_path),))

@@ -49,6 +49,8 @@ __all__ = ["CheckpointError", "find_checkpoint", "is_native_checkpoint", "list_c
 FORMAT = "longtrain-dcp/1"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# a save in progress, or one that died part-way
+_STALE = re.compile(r"^\.step_\d{8}\.tmp$")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -246,7 +248,8 @@ def _write_manifest(path: str, manifest: dict[str, Any]) -> None:
 
 
 def _commit(tmp: str, final: str) -> None:
-    """Rename the finished `tmp` to `final`; an existing `final` is removed only after."""
+    """Rename the finished `tmp` to `final`; an existing `final` is removed only after (a
+    crash between the two renames leaves it as `<final>.old`, never deleted automatically)."""
     if os.path.lexists(final):
         old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -284,12 +287,19 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
     t0 = time.perf_counter()
     if is_coordinator:
         os.makedirs(root, exist_ok=True)
-        # a previous attempt at this step that died mid-save
-        shutil.rmtree(tmp, ignore_errors=True)
+        # saves that died part-way (this run's or a crashed one's): never read, now removed
+        for name in os.listdir(root):
+            if _STALE.match(name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _barrier(runtime)
     sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
                            rank_key=f"rng.rank{runtime.rank}")
-    dcp.save(sd, checkpoint_id=tmp)
+    try:
+        dcp.save(sd, checkpoint_id=tmp)
+    except BaseException:
+        if is_coordinator:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier(runtime)
     if is_coordinator:
         dims = runtime.dims
