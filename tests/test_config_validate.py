@@ -116,7 +116,8 @@ def test_each_problem_names_fields_and_values(overrides: dict[str, Any],
 def test_init_from_missing_dir_and_dir_without_config(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-checkpoint"
     found = problems(_cfg(**{"init.from": str(missing)}))
-    assert found == [f"init.from={str(missing)!r} is not a directory"]
+    assert found == [f"init.from={str(missing)!r} does not exist (expected a Hugging Face model "
+                     f"directory or a longtrain checkpoint)"]
     found = problems(_cfg(**{"init.from": str(tmp_path)}))
     assert len(found) == 1 and f"init.from={str(tmp_path)!r}" in found[0]
     assert "config.json" in found[0]
