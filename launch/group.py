@@ -137,6 +137,8 @@ def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
             workers.append(remote_actor.options(
                 num_cpus=cfg.launcher.cpus_per_worker, num_gpus=cfg.launcher.gpus_per_worker,
                 scheduling_strategy=strategy, name=None,
+                # > 1: a control call (e.g. a stop request) runs beside the long-running one
+                max_concurrency=getattr(actor_cls, "max_concurrency", 1),
             ).remote(rank=rank, **actor_kwargs))
         loopback = cfg.launcher.kind == "local"
         init_method = ray.get(workers[0].rendezvous.remote(loopback=loopback),

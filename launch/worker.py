@@ -8,22 +8,37 @@ needs no Ray.
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from typing import Any, Iterator
 
 from longtrain_launch.group import RankActor
 
 
 class Worker(RankActor):
+    # the stop request arrives while `stream` / `run` is still running
+    max_concurrency = 2
+
+    def __init__(self, *, rank: int, cfg) -> None:
+        super().__init__(rank=rank, cfg=cfg)
+        self._stop = threading.Event()
+
+    def request_stop(self) -> None:
+        """Save a checkpoint after the current step and stop (every rank agrees on the step)."""
+        self._stop.set()
+
     def _steps(self, init_method: str) -> Iterator[dict[str, Any]]:
         from longtrain.observability.log import get_logger
         from longtrain.parallel.runtime import shutdown_parallel
         from longtrain.train.loop import TrainState, train
 
         cfg = self.cfg
-        runtime = self.join(init_method)
         log = get_logger()
+        log.info("worker pid %d on %s", os.getpid(), socket.gethostname())
+        runtime = self.join(init_method)
         try:
             state = TrainState.create(cfg, runtime)
+            state.stop_requested = self._stop
             model = state.model
             if state.resumed_from:
                 log.info("continuing at step %d from %s", state.step, state.resumed_from)
@@ -34,7 +49,8 @@ class Worker(RankActor):
                     yield metrics
             # a schedule stage may have rebuilt the mesh
             runtime = state.runtime
-            if cfg.train.save_hf and runtime.dp_rank == 0 and runtime.cp_rank == 0:
+            if cfg.train.save_hf and not state.stopped and runtime.dp_rank == 0 \
+                    and runtime.cp_rank == 0:
                 from longtrain.checkpoint.hf import export_hf
 
                 out = os.path.join(cfg.output_dir, "hf")

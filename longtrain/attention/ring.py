@@ -58,8 +58,11 @@ class RingComm:
         return [r.transpose(1, 2) if t.dim() == 4 else r for t, r in zip(tensors, recv)]
 
     def wait(self) -> None:
-        for req in self._pending:
-            req.wait()
+        from longtrain.parallel.watch import collective
+
+        with collective("ring attention K/V send/recv", group="context-parallel"):
+            for req in self._pending:
+                req.wait()
         self._pending = []
 
 

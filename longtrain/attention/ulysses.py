@@ -235,7 +235,11 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
 
     attn = DistributedAttention(local, ulysses_group, scatter_idx=_SCATTER_HEADS,
                                 gather_idx=_GATHER_SEQ)
-    return attn(q_bthd, k_bthd, v_bthd, _BATCH_DIM)
+    from longtrain.parallel.watch import collective
+
+    # forward all-to-alls; in backward the layer's own record names the module
+    with collective("Ulysses all-to-all (DeepSpeed DistributedAttention)", group="ulysses"):
+        return attn(q_bthd, k_bthd, v_bthd, _BATCH_DIM)
 
 
 @register_attention("ulysses", supports_cp=True)

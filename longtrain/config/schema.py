@@ -58,8 +58,9 @@ class ParallelConfig:
     cp: int = 1
     # auto -> nccl when CUDA is available, else gloo
     backend: str = "auto"
-    # Seconds before a collective that never completes raises instead of hanging.
-    timeout_s: int = 600
+    # Seconds before a collective that never completes raises instead of hanging (the error
+    # names the rank, layer and collective; the driver then restarts the group).
+    timeout_s: int = 300
 
 
 @dataclass
@@ -215,6 +216,9 @@ class LauncherConfig:
     gpus_per_worker: int = 0
     # Seconds the driver waits for the worker group before giving up.
     timeout_s: int = 3600
+    # Worker deaths or failed collectives survived: each restart tears the group down and
+    # resumes from the newest checkpoint (0: fail at once).
+    max_restarts: int = 3
 
 
 @dataclass

@@ -138,6 +138,10 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"attention.check_every={cfg.attention.check_every} must be >= 0 (0 disables)")
     if cfg.attention.check_tol is not None and cfg.attention.check_tol <= 0:
         out.append(f"attention.check_tol={cfg.attention.check_tol} must be > 0")
+    if cfg.launcher.max_restarts < 0:
+        out.append(f"launcher.max_restarts={cfg.launcher.max_restarts} must be >= 0")
+    if cfg.parallel.timeout_s < 1:
+        out.append(f"parallel.timeout_s={cfg.parallel.timeout_s} must be >= 1")
     if cfg.logging.every < 1:
         out.append(f"logging.every={cfg.logging.every} must be >= 1")
     unknown_init = sorted(set(cfg.init) - {"from", "required"})

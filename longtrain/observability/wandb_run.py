@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import string
 from typing import Any, Optional
 
 from longtrain.config.schema import WandbConfig
@@ -15,6 +17,17 @@ from longtrain.observability.log import get_logger
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
 REDACTED = "***redacted***"
+# under output_dir: the run id every restart, resume and requeue of the run logs to
+RUN_ID_FILE = "wandb_run_id"
+
+
+def _read_run_id(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return value or None
 
 
 def redact(value: Any) -> Any:
@@ -41,10 +54,20 @@ class WandbRun:
         import wandb
 
         os.makedirs(output_dir, exist_ok=True)
+        # One run per output directory: a resumed, restarted or requeued job continues it.
+        id_file = os.path.join(output_dir, RUN_ID_FILE)
+        run_id = _read_run_id(id_file)
+        if run_id is None:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                             for _ in range(8))
+            tmp = id_file + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+            os.replace(tmp, id_file)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
             tags=list(cfg.tags) or None, mode=cfg.mode, dir=output_dir, config=redact(config),
-            settings=wandb.Settings(quiet=True, console="off"),
+            id=run_id, resume="allow", settings=wandb.Settings(quiet=True, console="off"),
         )
 
     @property
@@ -69,10 +92,27 @@ class WandbRun:
                        for k, (cols, rows) in (tables or {}).items()})
         self.run.log(record)
 
-    def finish(self, summary: dict[str, Any], *, exit_code: int = 0) -> None:
+    @property
+    def run_id(self) -> Optional[str]:
+        return None if self.run is None else self.run.id
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (online runs notify; offline ones record it); never fails the run."""
+        if self.run is None:
+            return
+        try:
+            self.run.alert(title=title, text=text)
+        except Exception as exc:  # alerts are best effort: a failed one must not end training
+            get_logger().warning("W&B alert %r not sent: %s", title, exc)
+
+    def finish(self, summary: dict[str, Any], *, exit_code: int = 0,
+               preempted: bool = False) -> None:
         if self.run is None:
             return
         for key, value in summary.items():
             self.run.summary[key] = value
+        if preempted:
+            # marks the run preempted so a requeued job's resume is expected, not an error
+            self.run.mark_preempting()
         self.run.finish(exit_code=exit_code)
         get_logger().info("W&B %s run written to %s", self.cfg.mode, self.directory)

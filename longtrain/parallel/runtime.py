@@ -99,7 +99,8 @@ def _build_mesh(dims: ParallelDims, *, rank: int, device: torch.device, timeout_
     ps.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         context_parallel_size=dims.cp,
-        distributed_timeout_minutes=max(1, timeout_s // 60),
+        # minutes as a float: timeouts under a minute stay what parallel.timeout_s says
+        distributed_timeout_minutes=timeout_s / 60,
         # level 0 is consecutive ranks (the all-to-all), level 1 strides over them (the ring)
         hierarchical_context_parallel_sizes=list(cp_sizes) if cp_sizes is not None else None,
     )

@@ -21,13 +21,14 @@ from longtrain.parallel.runtime import init_parallel, shutdown_parallel
 
 
 def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, args: tuple,
-           errors: Any, threads: int, backend: str, cp_sizes: tuple[int, int] | None) -> None:
+           errors: Any, threads: int, backend: str, cp_sizes: tuple[int, int] | None,
+           timeout_s: int) -> None:
     torch.set_num_threads(threads)
     # Local processes only: keep gloo's pair connections on loopback.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         runtime = init_parallel(dims, rank=rank, init_method=f"file://{store}", backend=backend,
-                                timeout_s=300, cp_sizes=cp_sizes)
+                                timeout_s=timeout_s, cp_sizes=cp_sizes)
         try:
             fn(runtime, *args)
         finally:
@@ -39,7 +40,7 @@ def _entry(rank: int, fn: Callable[..., Any], dims: ParallelDims, store: str, ar
 
 def run_distributed(fn: Callable[..., Any], *, world_size: int, tp: int = 1, cp: int = 1,
                     args: tuple = (), threads: int = 1, backend: str = "gloo",
-                    cp_sizes: tuple[int, int] | None = None) -> None:
+                    cp_sizes: tuple[int, int] | None = None, timeout_s: int = 300) -> None:
     """Spawn `world_size` processes running `fn(runtime, *args)`; raise on any failure.
 
     `fn` must be a module-level function (it is pickled into the children). backend="nccl"
@@ -52,7 +53,8 @@ def run_distributed(fn: Callable[..., Any], *, world_size: int, tp: int = 1, cp:
         store = os.path.join(tmp, "store")
         try:
             mp.start_processes(_entry,
-                               args=(fn, dims, store, args, errors, threads, backend, cp_sizes),
+                               args=(fn, dims, store, args, errors, threads, backend, cp_sizes,
+                                     timeout_s),
                                nprocs=world_size, join=True, start_method="spawn")
         except mp.ProcessRaisedException as exc:
             details = []

@@ -7,8 +7,9 @@ are reduced), so the caller decides who reports them.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -21,6 +22,8 @@ from longtrain.model.sharding import init_weights, load_canonical
 from longtrain.observability.log import get_logger
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.runtime import ParallelRuntime, remesh
+from longtrain.parallel.watch import (CollectiveError, collective, describe_failure,
+                                      is_communication_failure, set_phase, track_modules)
 from longtrain.train.loss import reduce_sum, token_loss_sum
 from longtrain.train.optim import Optimizer, sum_gradients
 from longtrain.train.schedule import Stage, stage_at, stage_config, stages
@@ -67,6 +70,9 @@ class TrainState:
     step: int = 0
     # the checkpoint this state was restored from (None: a fresh start)
     resumed_from: Optional[str] = None
+    # set from another thread (the worker's stop request): save and stop after this step
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    stopped: bool = False
 
     @classmethod
     def create(cls, cfg: RunConfig, runtime: ParallelRuntime) -> "TrainState":
@@ -77,6 +83,7 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
         model = build_model(cfg, runtime, weights=resume is None)
+        track_modules(model)
         optimizer = Optimizer(model, cfg.optim, total_steps=cfg.train.steps)
         state = cls(model, optimizer, runtime)
         if resume is None:
@@ -141,6 +148,8 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
     if state is None:
         state = TrainState.create(cfg, runtime)
     for stage in stages(cfg):
+        if state.stopped:
+            return
         if state.step >= stage.end_step:
             continue
         scfg = _enter_stage(cfg, state, stage)
@@ -151,65 +160,94 @@ def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg:
                  ) -> Iterator[dict[str, Any]]:
     log = get_logger()
     runtime = state.runtime
-    model, optimizer = state.model, state.optimizer
-    model.train()
-    ctx = attention_context(runtime)
     dims = runtime.dims
+    state.model.train()
     # built data.prefetch steps ahead on a background thread, closed however the loop ends
     data = prefetched(cfg.data, iterate(cfg.data, start_step=state.step, dp_size=dims.dp,
                                         dp_rank=runtime.dp_rank, cp_size=dims.cp,
                                         cp_rank=runtime.cp_rank))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     log.info("training %s for steps %d-%d (%s), %d tokens per step", cfg.model.name,
-             state.step + 1, end_step, dims.describe(), tokens_per_step)
+             state.step + 1, end_step, dims.describe(), cfg.data.batch_size * cfg.data.seq_len)
     try:
-        while state.step < end_step:
-            t0 = time.perf_counter()
-            micro = [mb.to(runtime.device) for mb in next(data)]
-            t_data = time.perf_counter() - t0
-            targets = reduce_sum(sum(mb.num_targets for mb in micro),
-                                 group=runtime.dp_cp_group, device=runtime.device)
-            optimizer.zero_grad()
-            check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
-            if check:
-                model.arm_parity_check(tol=cfg.attention.check_tol)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-            for mb in micro:
-                logits = model(mb.tokens_bt, positions_bt=mb.positions_bt,
-                               doc_ids_bt=mb.doc_ids_bt, seq_len=cfg.data.seq_len, ctx=ctx)
-                loss = token_loss_sum(logits, mb.labels_bt)
-                (loss / targets).backward()
-                loss_sum += loss.detach().double()
-            sum_gradients(optimizer.params, group=runtime.dp_cp_group)
-            stats = optimizer.step(state.step, tp_group=runtime.tp_group)
-            global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group,
-                                     device=runtime.device) / targets
-            dt = time.perf_counter() - t0
-            state.step += 1
-            extra = {}
-            if _should_save(total_cfg, state.step):
+        while state.step < end_step and not state.stopped:
+            try:
+                metrics = _step(cfg, state, data)
+                stop = _agree_to_stop(state)
+            except Exception as exc:
+                if is_communication_failure(exc):
+                    raise CollectiveError(describe_failure(
+                        exc, rank=runtime.rank, step=state.step + 1,
+                        timeout_s=cfg.parallel.timeout_s)) from exc
+                raise
+            if stop or _should_save(total_cfg, state.step):
                 from longtrain.checkpoint.native import save_train_state
 
                 t_save = time.perf_counter()
-                save_train_state(total_cfg.checkpoint_dir, step=state.step, model=model,
-                                 optimizer=optimizer, runtime=runtime,
+                save_train_state(total_cfg.checkpoint_dir, step=state.step, model=state.model,
+                                 optimizer=state.optimizer, runtime=runtime,
                                  keep=total_cfg.checkpoint.keep,
                                  meta=checkpoint_meta(total_cfg, step=state.step))
-                extra["checkpoint_save_s"] = time.perf_counter() - t_save
-            if check:
-                extra["attn_parity_err"] = model.layers[0].attn.last_parity_error
-            yield {
-                **extra,
-                "step": state.step,
-                "loss": global_loss,
-                "lr": stats["lr"],
-                "grad_norm": stats["grad_norm"],
-                "tokens": tokens_per_step,
-                "tokens_per_s": tokens_per_step / dt,
-                "step_time_s": dt,
-                "data_wait_s": t_data,
-                "seq_len": cfg.data.seq_len,
-            }
+                metrics["checkpoint_save_s"] = time.perf_counter() - t_save
+            if stop:
+                state.stopped = True
+                metrics["stopped"] = True
+                log.info("stopped at step %d on request (checkpoint saved)", state.step)
+            yield metrics
     finally:
         if hasattr(data, "close"):
             data.close()
+
+
+def _agree_to_stop(state: TrainState) -> bool:
+    """True on every rank when any rank was asked to stop (a preemption signal reaches the
+    driver, which asks every worker; they may see it at different steps): all ranks then save
+    and stop after the same step."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if state.stop_requested.is_set() else 0.0],
+                        device=state.runtime.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        with collective("stop-request all-reduce", group="world"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
+    """One optimizer step (all micro-batches); returns its metrics (identical on every rank)."""
+    runtime, model, optimizer = state.runtime, state.model, state.optimizer
+    ctx = attention_context(runtime)
+    t0 = time.perf_counter()
+    micro = [mb.to(runtime.device) for mb in next(data)]
+    t_data = time.perf_counter() - t0
+    set_phase("loss", "token count")
+    with collective("target-count all-reduce", group="CP x DP"):
+        targets = reduce_sum(sum(mb.num_targets for mb in micro), group=runtime.dp_cp_group,
+                             device=runtime.device)
+    optimizer.zero_grad()
+    check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
+    if check:
+        model.arm_parity_check(tol=cfg.attention.check_tol)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    for mb in micro:
+        logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
+                       seq_len=cfg.data.seq_len, ctx=ctx)
+        loss = token_loss_sum(logits, mb.labels_bt)
+        (loss / targets).backward()
+        loss_sum += loss.detach().double()
+    set_phase("optimizer", "gradient sum")
+    with collective("gradient all-reduce", group="CP x DP"):
+        sum_gradients(optimizer.params, group=runtime.dp_cp_group)
+    with collective("gradient-norm all-reduce", group="tensor-parallel"):
+        stats = optimizer.step(state.step, tp_group=runtime.tp_group)
+    with collective("loss all-reduce", group="CP x DP"):
+        global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group,
+                                 device=runtime.device) / targets
+    dt = time.perf_counter() - t0
+    state.step += 1
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    metrics = {"step": state.step, "loss": global_loss, "lr": stats["lr"],
+               "grad_norm": stats["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / dt,
+               "step_time_s": dt, "data_wait_s": t_data, "seq_len": cfg.data.seq_len}
+    if check:
+        metrics["attn_parity_err"] = model.layers[0].attn.last_parity_error
+    return metrics
