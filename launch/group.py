@@ -39,10 +39,16 @@ def init_ray(cfg: GroupConfig) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if cfg.launcher.kind == "local":
+        from longtrain_launch.slurm import job_signals_ignored_by_children
+
         needed = cfg.parallel.world_size * cfg.launcher.cpus_per_worker
-        ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=True, logging_level="WARNING",
-                 _node_ip_address="127.0.0.1")
+        # Ray's processes must outlive a Slurm warning signal (see launch/slurm.py).
+        # address="local": a new Ray even when a `ray start` cluster runs on this machine
+        # (with no address, ray.init joins the one named in /tmp/ray/ray_current_cluster)
+        with job_signals_ignored_by_children():
+            ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level="WARNING", _node_ip_address="127.0.0.1")
     else:
         ray.init(address=cfg.launcher.address, log_to_driver=False, logging_level="WARNING")
     return True

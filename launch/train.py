@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig
 
+from longtrain.config.schema import RunConfig
 from longtrain.observability.progress import render_summary
 from longtrain_launch.store import register_configs, to_run_config
 
@@ -33,13 +34,41 @@ def prepare(dcfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
 def _app(dcfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from longtrain_launch.slurm import Allocation, run_in_allocation
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.runtime.choices.get("hydra/launcher") == "slurm" \
+            and hydra_cfg.mode == RunMode.RUN:
+        # without -m Hydra ignores its launcher: this would train here, e.g. on a login node
+        print("longtrain-train: hydra/launcher=slurm submits in multirun mode only: add -m",
+              file=sys.stderr)
+        sys.exit(2)
+    allocation = Allocation.detect()
+    if allocation is None:
+        return _train(dcfg)
+    # a task of a job submitted by hydra/launcher=slurm: rank 0 drives, the others host Ray
+    return run_in_allocation(allocation, lambda adapt: _train(dcfg, adapt=adapt, in_job=True),
+                             launcher_kind=dcfg.launcher.kind)
+
+
+def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None = None,
+           in_job: bool = False) -> dict[str, Any]:
     from longtrain.config.errors import ConfigError
     from longtrain.observability.log import configure_logging
 
     try:
         cfg = prepare(dcfg)
+        if adapt is not None:
+            cfg = adapt(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"longtrain-train: {exc}", file=sys.stderr)
+        if in_job:
+            # raised, the error reaches submitit's result and the submitting command; an exit
+            # would leave no result to wait for
+            raise
         sys.exit(2)
     configure_logging(log_file=os.path.join(cfg.output_dir, "driver.log"), console=False)
     from longtrain.data.prepare import describe_data
@@ -61,6 +90,9 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
           f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps -> {cfg.output_dir}", flush=True)
     result = run(cfg)
+    if result.get("stopped_at"):
+        print(f"longtrain: stopped at step {result['stopped_at']} on a signal, checkpoint saved "
+              f"in {cfg.checkpoint_dir}; run the same command to resume", flush=True)
     extra = {"output": result["output_dir"]}
     if result.get("wandb_dir"):
         extra["W&B run"] = f"{result['wandb_dir']} ({cfg.logging.wandb.mode})"
@@ -71,6 +103,9 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
+    # hydra/launcher=slurm: submitit's warning signal is USR1 (its default is USR2), the one the
+    # driver checkpoints on; read when submitit is imported, here and in the job it submits
+    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     _app()
 
 

@@ -121,6 +121,20 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(uninterrupt
     final = _final_weights(out)
     for name, tensor in uninterrupted.items():
         assert torch.equal(final[name], tensor), name
+    _assert_no_ray_processes_left()
+
+
+def _assert_no_ray_processes_left(timeout_s: float = 20) -> None:
+    """The embedded Ray and every actor of every attempt are gone once the CLI exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True,
+                              text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, subprocess.run(["ps", "-o", "pid,cmd", "-p", ",".join(left)],
+                                    capture_output=True, text=True).stdout
 
 
 @pytest.mark.slow
