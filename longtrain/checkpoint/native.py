@@ -269,7 +269,7 @@ def prune(root: str, *, keep: int) -> list[str]:
     return doomed
 
 
-def _barrier(runtime: Optional["ParallelRuntime"]) -> None:
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -291,7 +291,7 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
         for name in os.listdir(root):
             if _STALE.match(name):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    _barrier(runtime)
+    _barrier()
     sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
                            rank_key=f"rng.rank{runtime.rank}")
     try:
@@ -300,7 +300,7 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
         if is_coordinator:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier(runtime)
+    _barrier()
     if is_coordinator:
         dims = runtime.dims
         _write_manifest(tmp, {
@@ -313,7 +313,7 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
         removed = prune(root, keep=keep)
         get_logger().info("saved checkpoint %s in %.2f s%s", final, time.perf_counter() - t0,
                           f" (removed {len(removed)} older)" if removed else "")
-    _barrier(runtime)
+    _barrier()
     return final
 
 
