@@ -164,3 +164,70 @@ def test_score_counts_whole_answer_matches():
     assert answer_max_tokens(prompts) == 5 + 4
     with pytest.raises(ValueError, match="2 predictions for 1 answers"):
         score("passkey", ["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize("task,docs", [(t, d) for t in ALL for d in (1, 2)])
+def test_answer_weights_mark_exactly_the_answers_and_follow_the_cp_shards(task, docs):
+    from longtrain.data.loader import answer_weights, shard_sequences
+
+    d = DataConfig(task=task, seq_len=1200, batch_size=2, micro_batch_size=2, docs_per_seq=docs,
+                   answer_loss_weight=10.0)
+    ids, doc_ids = global_batch(d, [3, 4])
+    weights = answer_weights(d, [3, 4])
+    assert weights.shape == ids.shape and set(weights.unique().tolist()) == {1.0, 10.0}
+    doc_len = [1201 // docs] * docs
+    doc_len[-1] += 1201 - sum(doc_len)
+    for row, i in enumerate([3, 4]):
+        # the weighted tokens, read back, are the answers of the sequence's documents in order
+        want = []
+        for j in range(docs):
+            want += task_sample(task, seq_len=doc_len[j] - 1, seed=0, index=i * docs + j).answers
+        assert TOK.decode(ids[row][weights[row] == 10.0].tolist()) == "".join(want)
+    # CP shards carry the weights of their own targets: the answers, wherever they land
+    whole = shard_sequences(ids, cp_size=1, cp_rank=0, doc_bt1=doc_ids, weight_bt1=weights)
+    shards = [shard_sequences(ids, cp_size=2, cp_rank=r, doc_bt1=doc_ids, weight_bt1=weights)
+              for r in range(2)]
+    assert sum(s.target_weight for s in shards) == whole.target_weight
+    answer_labels = lambda mb: sorted(mb.labels_bt[mb.weights_bt == 10.0].tolist())  # noqa: E731
+    assert sorted(sum((answer_labels(s) for s in shards), [])) == answer_labels(whole)
+    # micro_batches (the training path) attaches them; weight 1 attaches none
+    assert torch.equal(micro_batches(d, step=0, dp_size=1, dp_rank=0, cp_size=1,
+                                     cp_rank=0)[0].weights_bt, answer_weights(d, [0, 1])[:, 1:])
+    plain = DataConfig(task=task, seq_len=1200, batch_size=2, micro_batch_size=2,
+                       docs_per_seq=docs)
+    assert micro_batches(plain, step=0, dp_size=1, dp_rank=0, cp_size=1,
+                         cp_rank=0)[0].weights_bt is None
+
+
+def _weighted_loss_worker(rt) -> None:
+    from longtrain.train.loss import token_loss_sum
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 12, generator=gen)
+    labels = torch.randint(0, 12, (2, 7), generator=gen)
+    labels[0, 2] = -100
+    weights = torch.rand(2, 7, generator=gen) * 5
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                  reduction="none", ignore_index=-100)
+    # each TP rank holds half of the vocabulary
+    shard = logits.chunk(2, dim=-1)[rt.tp_rank]
+    torch.testing.assert_close(token_loss_sum(shard, labels, weights),
+                               (per_token * weights.flatten()).sum())
+    torch.testing.assert_close(token_loss_sum(shard, labels), per_token.sum())
+
+
+def test_weighted_token_loss_is_the_weighted_sum_under_tp() -> None:
+    from longtrain.parallel.spawn import run_distributed
+
+    run_distributed(_weighted_loss_worker, world_size=2, tp=2)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"answer_loss_weight": 0.0}, "data.answer_loss_weight=0.0 must be > 0"),
+    ({"source": "files", "path": "/nonexistent", "answer_loss_weight": 5.0},
+     "data.answer_loss_weight=5.0 weighs the answers of the synthetic tasks"),
+])
+def test_bad_answer_loss_weight_names_the_field(change, expected):
+    from longtrain.data.loader import source_problems
+
+    assert any(expected in p for p in source_problems(DataConfig(**change)))

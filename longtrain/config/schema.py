@@ -157,6 +157,10 @@ class DataConfig:
     cache_dir: Optional[str] = None
     # steps of micro-batches built ahead by a background thread (0: build in the step)
     prefetch: int = 2
+    # synthetic tasks: weight of the answer tokens' loss relative to every other target (the
+    # answers are a few tokens of each sequence; a weight > 1 gives retrieval a usable signal
+    # early). The reported loss is the weighted mean.
+    answer_loss_weight: float = 1.0
     # Set by the driver's preparation: the packed corpus directory workers memory-map.
     packed: Optional[str] = None
 

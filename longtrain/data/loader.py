@@ -18,7 +18,8 @@ import torch
 
 from longtrain.config.schema import DataConfig
 from longtrain.data.prefetch import prefetch
-from longtrain.data.synthetic import TASKS, packed_task_tokens, task_problems, task_tokens
+from longtrain.data.synthetic import (TASKS, packed_task_tokens, task_answer_mask, task_problems,
+                                      task_tokens)
 from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
 from longtrain.parallel.layout import split_for_cp
 
@@ -33,21 +34,32 @@ class MicroBatch:
     labels_bt: torch.Tensor
     positions_bt: torch.Tensor
     doc_ids_bt: Optional[torch.Tensor] = None
+    # float32 loss weight of each target (None: every target weighs 1)
+    weights_bt: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(move(self.tokens_bt), move(self.labels_bt), move(self.positions_bt),
-                          move(self.doc_ids_bt))
+                          move(self.doc_ids_bt), move(self.weights_bt))
 
     @property
     def num_targets(self) -> int:
         return int((self.labels_bt != IGNORE_INDEX).sum())
+
+    @property
+    def target_weight(self) -> float:
+        """The loss denominator's share of this micro-batch: its targets' summed weight."""
+        if self.weights_bt is None:
+            return float(self.num_targets)
+        return float((self.weights_bt * (self.labels_bt != IGNORE_INDEX)).sum())
 
 
 SOURCES = ("synthetic", "files", "hf")
 
 
 def _synthetic_problems(cfg: DataConfig) -> list[str]:
+    if not cfg.answer_loss_weight > 0:
+        return [f"data.answer_loss_weight={cfg.answer_loss_weight} must be > 0"]
     if cfg.task not in TASKS:
         return [f"data.task={cfg.task!r} is not one of {sorted(TASKS)} for "
                 f"data.source='synthetic'"]
@@ -102,6 +114,9 @@ def source_problems(cfg: DataConfig) -> list[str]:
         out += _synthetic_problems(cfg)
     if cfg.source != "synthetic":
         out += _corpus_problems(cfg)
+        if cfg.answer_loss_weight != 1.0:
+            out.append(f"data.answer_loss_weight={cfg.answer_loss_weight} weighs the answers "
+                       f"of the synthetic tasks; data.source={cfg.source!r} has none (leave it 1)")
     if cfg.prefetch < 0:
         out.append(f"data.prefetch={cfg.prefetch} must be >= 0 (0: no prefetching)")
     return out
@@ -147,10 +162,23 @@ def document_positions(doc_bt: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
+def answer_weights(cfg: DataConfig, indices: list[int]) -> Optional[torch.Tensor]:
+    """[N, seq_len + 1] float32 loss weight of each token of `global_batch(cfg, indices)` as a
+    target: `data.answer_loss_weight` on the synthetic tasks' answers, 1 elsewhere; None when
+    every weight is 1."""
+    if cfg.source != "synthetic" or cfg.answer_loss_weight == 1.0:
+        return None
+    mask = task_answer_mask(cfg.task, seq_len=cfg.seq_len, seed=cfg.seed, indices=indices,
+                            docs_per_seq=cfg.docs_per_seq, tokenizer=load_tokenizer(cfg.tokenizer))
+    return torch.where(mask, cfg.answer_loss_weight, 1.0).float()
+
+
 def shard_sequences(seq_bt1: torch.Tensor, *, cp_size: int, cp_rank: int,
-                    doc_bt1: Optional[torch.Tensor] = None) -> MicroBatch:
-    """Inputs/targets (and document ids, per-document positions) from [B, T+1] ids, then this
-    CP rank's zigzag shard of each: the one place the layout is applied to a batch."""
+                    doc_bt1: Optional[torch.Tensor] = None,
+                    weight_bt1: Optional[torch.Tensor] = None) -> MicroBatch:
+    """Inputs/targets (and document ids, per-document positions, target weights) from
+    [B, T+1] ids, then this CP rank's zigzag shard of each: the one place the layout is
+    applied to a batch. `weight_bt1[:, j]` weighs token j as a target."""
     tokens = seq_bt1[:, :-1]
     # a copy: at cp=1 a view would alias the tokens, and callers may mask labels in place
     labels = seq_bt1[:, 1:].clone()
@@ -164,7 +192,9 @@ def shard_sequences(seq_bt1: torch.Tensor, *, cp_size: int, cp_rank: int,
         positions = document_positions(doc_ids)
     split = lambda t: None if t is None else split_for_cp(  # noqa: E731
         t, cp_size=cp_size, cp_rank=cp_rank, dim=1).contiguous()
-    return MicroBatch(split(tokens), split(labels), split(positions), split(doc_ids))
+    weights = None if weight_bt1 is None else weight_bt1[:, 1:]
+    return MicroBatch(split(tokens), split(labels), split(positions), split(doc_ids),
+                      split(weights))
 
 
 def micro_batches(cfg: DataConfig, *, step: int, dp_size: int, dp_rank: int, cp_size: int,
@@ -174,8 +204,10 @@ def micro_batches(cfg: DataConfig, *, step: int, dp_size: int, dp_rank: int, cp_
     first = step * cfg.batch_size + dp_rank * per_dp
     out = []
     for start in range(first, first + per_dp, cfg.micro_batch_size):
-        seq, docs = global_batch(cfg, list(range(start, start + cfg.micro_batch_size)))
-        out.append(shard_sequences(seq, cp_size=cp_size, cp_rank=cp_rank, doc_bt1=docs))
+        indices = list(range(start, start + cfg.micro_batch_size))
+        seq, docs = global_batch(cfg, indices)
+        out.append(shard_sequences(seq, cp_size=cp_size, cp_rank=cp_rank, doc_bt1=docs,
+                                   weight_bt1=answer_weights(cfg, indices)))
     return out
 
 

@@ -20,7 +20,7 @@ from longtrain.data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["TASKS", "PasskeySample", "TaskSample", "passkey_sample", "passkey_tokens",
            "packed_passkey_tokens", "task_sample", "task_tokens", "packed_task_tokens",
-           "task_problems"]
+           "task_answer_mask", "task_problems"]
 
 TASKS: dict[str, ModuleType] = {m.NAME: m for m in (passkey, needle, recall)}
 
@@ -73,6 +73,25 @@ def packed_task_tokens(task: str, *, seq_len: int, seed: int, indices: list[int]
         ids_rows.append(ids)
         doc_rows.append(docs)
     return torch.tensor(ids_rows, dtype=torch.long), torch.tensor(doc_rows, dtype=torch.long)
+
+
+def task_answer_mask(task: str, *, seq_len: int, seed: int, indices: list[int],
+                     docs_per_seq: int = 1, tokenizer: Optional[Tokenizer] = None) -> torch.Tensor:
+    """[len(indices), seq_len + 1] bool: True at the answer tokens of the sequences that
+    `task_tokens` / `packed_task_tokens` build for the same arguments."""
+    tokenizer = tokenizer or ByteTokenizer()
+    lengths = _doc_lengths(seq_len, docs_per_seq)
+    mask = torch.zeros(len(indices), seq_len + 1, dtype=torch.bool)
+    for row, i in enumerate(indices):
+        offset = 0
+        for j, length in enumerate(lengths):
+            s = task_sample(task, seq_len=length - 1, seed=seed, index=i * docs_per_seq + j,
+                            tokenizer=tokenizer)
+            for answer, start in zip(s.answers, s.answer_starts):
+                n = len(tokenizer.encode(answer))
+                mask[row, offset + start:offset + start + n] = True
+            offset += length
+    return mask
 
 
 def passkey_tokens(*, seq_len: int, seed: int, indices: list[int]) -> torch.Tensor:

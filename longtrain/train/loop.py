@@ -221,7 +221,7 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
     t_data = time.perf_counter() - t0
     set_phase("loss", "token count")
     with collective("target-count all-reduce", group="CP x DP"):
-        targets = reduce_sum(sum(mb.num_targets for mb in micro), group=runtime.dp_cp_group,
+        targets = reduce_sum(sum(mb.target_weight for mb in micro), group=runtime.dp_cp_group,
                              device=runtime.device)
     optimizer.zero_grad()
     check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
@@ -231,7 +231,7 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
     for mb in micro:
         logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
                        seq_len=cfg.data.seq_len, ctx=ctx)
-        loss = token_loss_sum(logits, mb.labels_bt)
+        loss = token_loss_sum(logits, mb.labels_bt, mb.weights_bt)
         (loss / targets).backward()
         loss_sum += loss.detach().double()
     set_phase("optimizer", "gradient sum")

@@ -1,11 +1,14 @@
 """Token-level cross entropy on vocabulary-parallel logits.
 
 The loss of a step is (sum of token losses over every CP x DP rank and micro-batch) /
-(global number of target tokens), so every TP / CP / DP layout of the same batch gives the
+(global summed target weight: the number of targets unless data.answer_loss_weight weighs
+the answers), so every TP / CP / DP layout of the same batch gives the
 same loss and gradients.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,8 +16,10 @@ import torch.distributed as dist
 from longtrain.data.loader import IGNORE_INDEX
 
 
-def token_loss_sum(logits_btv: torch.Tensor, labels_bt: torch.Tensor) -> torch.Tensor:
-    """Sum of per-token losses (float32 scalar) over targets != IGNORE_INDEX.
+def token_loss_sum(logits_btv: torch.Tensor, labels_bt: torch.Tensor,
+                   weights_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of per-token losses (float32 scalar) over targets != IGNORE_INDEX, each times its
+    weight when `weights_bt` [B, T] is given.
 
     logits: this TP rank's vocabulary shard [B, T, V/tp]; labels: [B, T] global token ids.
     """
@@ -27,6 +32,8 @@ def token_loss_sum(logits_btv: torch.Tensor, labels_bt: torch.Tensor) -> torch.T
     if logits.data_ptr() == logits_btv.data_ptr():
         logits = logits.clone()
     losses_bt = vocab_parallel_cross_entropy(logits, target)
+    if weights_bt is not None:
+        losses_bt = losses_bt * weights_bt
     return (losses_bt * valid).sum()
 
 
