@@ -24,10 +24,11 @@ def prepare(dcfg: DictConfig):
     from longtrain.checkpoint.hf import apply_init_from
     from longtrain.config.validate import validate
     from longtrain.data.prepare import prepare_data
+    from longtrain.model.llama import apply_layer_pattern
     from longtrain.train.schedule import apply_schedule
 
     cfg = to_run_config(dcfg)
-    cfg = apply_init_from(apply_schedule(cfg))
+    cfg = apply_layer_pattern(apply_init_from(apply_schedule(cfg)))
     validate(cfg)
     return prepare_data(cfg)
 

@@ -62,21 +62,38 @@ def register_attention(name: str, *, supports_cp: bool) -> Callable[[AttentionFn
 
 def _load_builtin() -> None:
     # Importing the backend modules registers them.
-    from longtrain.attention import dense, ring, ulysses  # noqa: F401
+    from longtrain.attention import dense, linear, ring, ulysses  # noqa: F401
 
 
 def attention_names() -> list[str]:
+    """Every `attention.backend`: the softmax backends and the linear-attention methods."""
+    from longtrain.attention.linear import LINEAR_BACKENDS
+
     _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *LINEAR_BACKENDS])
 
 
 def supports_cp(name: str) -> bool:
+    from longtrain.attention.linear import LINEAR_BACKENDS
+
     _load_builtin()
-    return _SUPPORTS_CP.get(name, False)
+    return name in LINEAR_BACKENDS or _SUPPORTS_CP.get(name, False)
 
 
 def get_attention(name: str) -> AttentionFn:
+    """The softmax attention backend `name`."""
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"attention.backend={name!r} is not one of {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def model_attention(backend: str, softmax: str = "allgather") -> tuple[AttentionFn, Any]:
+    """(the softmax layers' backend, the linear layers' method or None) for
+    `attention.backend` and, when that is a linear method (lasp1 | lasp2), `attention.softmax`
+    for the softmax layers of a hybrid."""
+    from longtrain.attention.linear import LINEAR_BACKENDS, linear_attention
+
+    if backend in LINEAR_BACKENDS:
+        return get_attention(softmax), linear_attention(backend)
+    return get_attention(backend), None

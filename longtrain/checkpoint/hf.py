@@ -256,6 +256,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, *, dtype: torch.dtype) -> dict[str, Any]:
     """config.json contents that make transformers build the same model as `cfg` + `rope`."""
+    from longtrain.model.llama import layer_kinds
+
+    if "linear" in layer_kinds(cfg):
+        raise ValueError(f"model.layer_pattern={cfg.layer_pattern!r} has linear-attention "
+                         f"layers, which transformers' Llama cannot represent: keep the native "
+                         f"checkpoint (longtrain-export format=native)")
     qwen2 = cfg.qkv_bias
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     out: dict[str, Any] = {

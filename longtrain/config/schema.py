@@ -31,14 +31,24 @@ class ModelConfig:
     qkv_bias: bool = False
     max_position_embeddings: int = 4096
     init_std: float = 0.02
-    # Per-layer attention kind for hybrids (later); empty = every layer uses `attention`.
+    # Per-layer attention kind, repeated over the layers: L = linear (lightning attention),
+    # S = softmax, e.g. "LLLS"; or a linear:softmax ratio, "3:1" = "LLLS", "7:1". Empty: every
+    # layer softmax, or every layer linear with attention=lasp1|lasp2 ("Linear-Llama").
     layer_pattern: str = ""
+    # linear layers: feature map on q and k (silu | elu1 | identity) and per-head decay
+    # (slopes: lambda_h = exp(-2^(-8(h+1)/H)) as Lightning Attention; none: no decay)
+    linear_feature_map: str = "silu"
+    linear_decay: str = "slopes"
 
 
 @dataclass
 class AttentionConfig:
-    # dense | ring | ulysses | ulysses_ring
+    # softmax: dense | ring | ulysses | ulysses_ring | allgather (K/V all-gathered over CP);
+    # linear attention layers: lasp1 (state passed point to point) | lasp2 (one AllGather)
     backend: str = "dense"
+    # with backend=lasp1|lasp2, the softmax layers of a hybrid model (model.layer_pattern):
+    # allgather (LASP-2H) | ring | dense (cp=1 only)
+    softmax: str = "allgather"
     # ulysses_ring: size of the all-to-all (head) dimension; the ring spans cp / ulysses_degree.
     # 0 -> ulysses: all of cp; ulysses_ring: 2.
     ulysses_degree: int = 0

@@ -18,6 +18,8 @@ _CHOICES = {
     "launcher.kind": ("local", "ray"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "parallel.backend": ("auto", "gloo", "nccl"),
+    "model.linear_feature_map": ("silu", "elu1", "identity"),
+    "model.linear_decay": ("slopes", "none"),
 }
 
 
@@ -54,6 +56,32 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     head_dim = m.head_dim or m.hidden_size // m.num_heads
     if head_dim % 2 != 0:
         out.append(f"model head dim {head_dim} must be even for RoPE (model.head_dim)")
+    return out
+
+
+def _linear_problems(cfg: RunConfig) -> list[str]:
+    """Hybrid / linear-attention models: the layer pattern and which method runs which layer."""
+    from longtrain.attention.linear import LINEAR_BACKENDS
+    from longtrain.model.llama import layer_kinds, pattern_problems
+
+    m, a = cfg.model, cfg.attention
+    out = pattern_problems(m.layer_pattern)
+    if out:
+        return out
+    linear = a.backend in LINEAR_BACKENDS
+    kinds = layer_kinds(m, linear_default=linear)
+    if "linear" in kinds and not linear:
+        out.append(f"model.layer_pattern={m.layer_pattern!r} has linear-attention layers: "
+                   f"choose their sequence-parallel method with attention=lasp1 or "
+                   f"attention=lasp2 (attention.backend is {a.backend!r})")
+    if linear and "softmax" in kinds:
+        allowed = ("allgather", "ring", "dense")
+        if a.softmax not in allowed:
+            out.append(f"attention.softmax={a.softmax!r} (the softmax layers of "
+                       f"model.layer_pattern={m.layer_pattern!r}) is not one of {list(allowed)}")
+        elif a.softmax == "dense" and cfg.parallel.cp > 1:
+            out.append(f"attention.softmax='dense' cannot run with parallel.cp={cfg.parallel.cp}; "
+                       f"use allgather (LASP-2H) or ring")
     return out
 
 
@@ -120,6 +148,7 @@ def problems(cfg: RunConfig) -> list[str]:
     elif cfg.parallel.cp > 1 and not supports_cp(backend):
         out.append(f"attention.backend={backend!r} does not support context parallelism "
                    f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
+    out += _linear_problems(cfg)
     # Always checked: a model problem (say num_heads vs tp) must not hide a bad rope setting.
     out += _rope_problems(cfg)
     out += _data_problems(cfg, dims)

@@ -142,7 +142,7 @@ def evaluate_with(forward: Forward, *, cfg: EvalRunConfig, loss_sum: LossSum,
 def evaluate_rank(cfg: EvalRunConfig, runtime: ParallelRuntime) -> dict[str, Any]:
     """Load `cfg.checkpoint` as this rank's TP shard and run `evaluate_with` on it (every rank
     of the world calls this; the result is the same everywhere)."""
-    from longtrain.attention.base import get_attention
+    from longtrain.attention.base import model_attention
     from longtrain.checkpoint.source import open_source_weights, read_model_source
     from longtrain.model.llama import LlamaModel
     from longtrain.model.sharding import load_canonical
@@ -152,7 +152,8 @@ def evaluate_rank(cfg: EvalRunConfig, runtime: ParallelRuntime) -> dict[str, Any
     if cfg.checkpoint is None:
         raise ValueError("checkpoint is not set")
     model_cfg, rope = read_model_source(cfg.checkpoint)
-    model = LlamaModel(model_cfg, rope, attention=get_attention(cfg.attention.backend),
+    softmax, linear = model_attention(cfg.attention.backend, cfg.attention.softmax)
+    model = LlamaModel(model_cfg, rope, attention=softmax, linear_attention=linear,
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.precision), device=runtime.device)
     with open_source_weights(cfg.checkpoint) as get:

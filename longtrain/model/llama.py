@@ -19,8 +19,64 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
-from longtrain.config.schema import ModelConfig, RopeConfig
+from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
 from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
+
+
+FEATURE_MAPS = {"silu": F.silu, "elu1": lambda x: F.elu(x) + 1.0, "identity": lambda x: x}
+
+
+def pattern_problems(pattern: str) -> list[str]:
+    """What is wrong with a `model.layer_pattern` (see `layer_kinds`)."""
+    if ":" in pattern:
+        parts = pattern.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not any(int(p) for p in parts):
+            return [f"model.layer_pattern={pattern!r}: a ratio is linear:softmax layer counts, "
+                    f"e.g. '3:1'"]
+        return []
+    bad = sorted(set(pattern) - set("LS"))
+    if bad:
+        return [f"model.layer_pattern={pattern!r} may hold only L (linear) and S (softmax), "
+                f"not {bad}"]
+    return []
+
+
+def layer_kinds(cfg: ModelConfig, *, linear_default: bool = False) -> list[str]:
+    """"linear" or "softmax" for every layer: `model.layer_pattern` repeated over the layers
+    ("LLLS", or the ratio "3:1" = "LLLS"); an empty pattern is every layer softmax, or every
+    layer linear with `linear_default` (attention=lasp1|lasp2)."""
+    pattern = cfg.layer_pattern
+    problems = pattern_problems(pattern)
+    if problems:
+        raise ValueError(problems[0])
+    if ":" in pattern:
+        linear, softmax = (int(p) for p in pattern.split(":"))
+        pattern = "L" * linear + "S" * softmax
+    pattern = pattern or ("L" if linear_default else "S")
+    return ["linear" if pattern[i % len(pattern)] == "L" else "softmax"
+            for i in range(cfg.num_layers)]
+
+
+def apply_layer_pattern(cfg: RunConfig) -> RunConfig:
+    """Make the layer kinds explicit in the config a run saves with its checkpoints: with
+    attention=lasp1|lasp2 and no pattern every layer is linear ("L"). A model with linear
+    layers has no Hugging Face equivalent, so `train.save_hf` is turned off (said once)."""
+    import dataclasses
+
+    from longtrain.attention.linear import LINEAR_BACKENDS
+
+    if not pattern_problems(cfg.model.layer_pattern) and not cfg.model.layer_pattern \
+            and cfg.attention.backend in LINEAR_BACKENDS:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_pattern="L"))
+    if cfg.train.save_hf and not pattern_problems(cfg.model.layer_pattern) \
+            and "linear" in layer_kinds(cfg.model):
+        from longtrain.observability.log import get_logger
+
+        get_logger().warning("model.layer_pattern=%r has linear-attention layers, which "
+                             "transformers cannot load: no Hugging Face export at the end (the "
+                             "native checkpoint has the weights)", cfg.model.layer_pattern)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_hf=False))
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -96,28 +152,43 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x_bth.dtype)
 
 
+def _attention_projections(shape: ModelShape, mp_config) -> tuple[nn.Module, nn.Module]:
+    """(fused q|k|v, output projection): each TP rank's qkv output rows are
+    [q_local, k_local, v_local]."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    cfg, d = shape.cfg, shape.head_dim
+    qkv = ColumnParallelLinear(
+        cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, config=mp_config,
+        init_method=_skip_init, bias=cfg.qkv_bias, gather_output=False,
+    )
+    out = RowParallelLinear(
+        cfg.num_heads * d, cfg.hidden_size, config=mp_config, init_method=_skip_init,
+        bias=False, input_is_parallel=True, skip_bias_add=False,
+    )
+    return qkv, out
+
+
+def _heads(qkv_btx: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, ...]:
+    """The fused projection's output -> q [B, T, Hq, D], k and v [B, T, Hkv, D] (views)."""
+    b, t, _ = qkv_btx.shape
+    d = s.head_dim
+    q, k, v = qkv_btx.split([s.local_heads * d, s.local_kv_heads * d, s.local_kv_heads * d],
+                            dim=-1)
+    return (q.view(b, t, s.local_heads, d), k.view(b, t, s.local_kv_heads, d),
+            v.view(b, t, s.local_kv_heads, d))
+
+
 class Attention(nn.Module):
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn) -> None:
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        cfg = shape.cfg
         self.shape = shape
         self.attention = attention
         # Parity canary (attention.check_every): armed for one call by `arm_parity_check`.
         self.parity_tol: Optional[float] = None
         self.parity_armed = False
         self.last_parity_error: Optional[float] = None
-        d = shape.head_dim
-        # Fused q|k|v: each TP rank's output rows are [q_local, k_local, v_local].
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, config=mp_config,
-            init_method=_skip_init, bias=cfg.qkv_bias, gather_output=False,
-        )
-        self.out = RowParallelLinear(
-            cfg.num_heads * d, cfg.hidden_size, config=mp_config, init_method=_skip_init,
-            bias=False, input_is_parallel=True, skip_bias_add=False,
-        )
+        self.qkv, self.out = _attention_projections(shape, mp_config)
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
@@ -126,11 +197,9 @@ class Attention(nn.Module):
         b, t, _ = x_bth.shape
         s = self.shape
         d = s.head_dim
-        qkv, _ = self.qkv(x_bth)
-        q, k, v = qkv.split([s.local_heads * d, s.local_kv_heads * d, s.local_kv_heads * d], dim=-1)
-        q_bthd = apply_rotary(q.view(b, t, s.local_heads, d), cos_btd, sin_btd, scale_bt=q_scale_bt)
-        k_bthd = apply_rotary(k.view(b, t, s.local_kv_heads, d), cos_btd, sin_btd)
-        v_bthd = v.view(b, t, s.local_kv_heads, d)
+        q, k, v_bthd = _heads(self.qkv(x_bth)[0], s)
+        q_bthd = apply_rotary(q, cos_btd, sin_btd, scale_bt=q_scale_bt)
+        k_bthd = apply_rotary(k, cos_btd, sin_btd)
         o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
         if self.parity_armed:
             from longtrain.attention.canary import check_parity
@@ -139,8 +208,55 @@ class Attention(nn.Module):
             self.last_parity_error = check_parity(
                 q_bthd, k_bthd, v_bthd, o_bthd, meta, ctx, tol=self.parity_tol,
                 backend=getattr(self.attention, "__name__", str(self.attention)),
-                where="layer 0")
+                where="the first softmax layer")
         out, _ = self.out(o_bthd.reshape(b, t, s.local_heads * d))
+        return out
+
+
+class LinearAttention(nn.Module):
+    """Lightning attention (TransNormerLLM): o = out(norm_h(lin_attn(phi(q), phi(k), v)) *
+    sigmoid(gate(x))), with a fixed per-head decay on the *global* head index (so every TP
+    layout computes the same function), a per-head RMS norm (no TP reduction) and no RoPE:
+    position enters through the decay. `linear_attention` is the sequence-parallel method."""
+
+    def __init__(self, shape: ModelShape, *, mp_config, linear_attention, tp_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import (ColumnParallelLinear,
+                                                   set_tensor_model_parallel_attributes)
+
+        from longtrain.attention.linear import head_log_decay
+
+        cfg = shape.cfg
+        self.shape = shape
+        self.linear_attention = linear_attention
+        self.feature_map = FEATURE_MAPS[cfg.linear_feature_map]
+        d = shape.head_dim
+        self.qkv, self.out = _attention_projections(shape, mp_config)
+        self.gate = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, config=mp_config,
+                                         init_method=_skip_init, bias=False, gather_output=False)
+        self.out_norm = nn.Parameter(torch.ones(shape.local_heads * d, dtype=dtype, device=device))
+        set_tensor_model_parallel_attributes(self.out_norm, is_parallel=True, dim=0, stride=1)
+        first = tp_rank * shape.local_heads
+        decay = head_log_decay(cfg.num_heads, cfg.linear_decay)[first:first + shape.local_heads]
+        self.register_buffer("log_decay", decay.to(device), persistent=False)
+
+    def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
+                meta: AttentionMeta, ctx: AttentionContext, *,
+                q_scale_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, t, _ = x_bth.shape
+        s = self.shape
+        q, k, v = _heads(self.qkv(x_bth)[0], s)
+        group = s.local_heads // s.local_kv_heads
+        q_bthd = self.feature_map(q) * s.head_dim ** -0.5
+        k_bthd = self.feature_map(k).repeat_interleave(group, 2)
+        v_bthd = v.repeat_interleave(group, 2)
+        o_bthd = self.linear_attention(q_bthd, k_bthd, v_bthd, self.log_decay, meta, ctx)
+        o32 = o_bthd.float()
+        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + s.cfg.norm_eps)
+        gate, _ = self.gate(x_bth)
+        o = (o32.to(x_bth.dtype).reshape(b, t, -1) * self.out_norm) * torch.sigmoid(gate)
+        out, _ = self.out(o)
         return out
 
 
@@ -170,11 +286,19 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, kind: str = "softmax",
+                 linear_attention=None, tp_rank: int = 0) -> None:
         super().__init__()
         cfg = shape.cfg
+        self.kind = kind
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
-        self.attn = Attention(shape, mp_config=mp_config, attention=attention)
+        self.attn: nn.Module
+        if kind == "linear":
+            self.attn = LinearAttention(shape, mp_config=mp_config,
+                                        linear_attention=linear_attention, tp_rank=tp_rank,
+                                        dtype=dtype, device=device)
+        else:
+            self.attn = Attention(shape, mp_config=mp_config, attention=attention)
         self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.mlp = MLP(shape, mp_config=mp_config)
 
@@ -195,7 +319,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rope: RopeConfig, *, attention: AttentionFn, tp: int,
                  tp_rank: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), linear_attention=None) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
@@ -205,10 +329,18 @@ class LlamaModel(nn.Module):
         mp_config = megatron_parallel_config(tp=tp, params_dtype=dtype, on_cpu=device.type == "cpu")
         self.embed = VocabParallelEmbedding(self.shape.padded_vocab_size, cfg.hidden_size,
                                             init_method=_skip_init, config=mp_config)
+        # linear layers (model.layer_pattern) use `linear_attention`, LASP-2 when not given
+        # (at cp=1 every method is the plain lightning attention)
+        self.layer_kinds = layer_kinds(cfg, linear_default=linear_attention is not None)
+        if linear_attention is None and "linear" in self.layer_kinds:
+            from longtrain.attention.linear import linear_attention as by_name
+
+            linear_attention = by_name("lasp2")
         self.layers = nn.ModuleList(
             DecoderLayer(self.shape, mp_config=mp_config, attention=attention, dtype=dtype,
-                         device=device)
-            for _ in range(cfg.num_layers)
+                         device=device, kind=kind, linear_attention=linear_attention,
+                         tp_rank=tp_rank)
+            for kind in self.layer_kinds
         )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.head = ColumnParallelLinear(
@@ -223,10 +355,20 @@ class LlamaModel(nn.Module):
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
         _mark_tensor_parallel(self)
 
+    def _parity_layer(self) -> Optional[Attention]:
+        """The first softmax attention layer (the one the parity canary watches)."""
+        return next((layer.attn for layer in self.layers if layer.kind == "softmax"), None)
+
     def arm_parity_check(self, *, tol: Optional[float]) -> None:
-        """Compare layer 0's next attention call with dense attention (see attention.canary)."""
-        attn = self.layers[0].attn
-        attn.parity_armed, attn.parity_tol, attn.last_parity_error = True, tol, None
+        """Compare the first softmax layer's next attention call with dense attention (see
+        attention.canary); a model without softmax layers has nothing to check."""
+        attn = self._parity_layer()
+        if attn is not None:
+            attn.parity_armed, attn.parity_tol, attn.last_parity_error = True, tol, None
+
+    def parity_error(self) -> Optional[float]:
+        attn = self._parity_layer()
+        return None if attn is None else attn.last_parity_error
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,

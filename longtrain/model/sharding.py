@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.config.schema import ModelConfig
-from longtrain.model.llama import LlamaModel
+from longtrain.model.llama import LlamaModel, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ def shard_specs(model: LlamaModel) -> list[ShardSpec]:
         if cfg.qkv_bias:
             specs.append(ShardSpec(f"{ours}.attn.qkv.bias",
                                    tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), 0))
+        if model.layer_kinds[i] == "linear":
+            specs += [ShardSpec(f"{ours}.attn.gate.weight", (f"{attn}.g_proj.weight",), 0),
+                      ShardSpec(f"{ours}.attn.out_norm", (f"{attn}.o_norm.weight",), 0)]
     specs.append(ShardSpec("final_norm.weight", ("model.norm.weight",), None))
     if not cfg.tie_embeddings:
         specs.append(ShardSpec("head.weight", ("lm_head.weight",), 0, padded))
@@ -62,6 +65,7 @@ def shard_specs(model: LlamaModel) -> list[ShardSpec]:
 def canonical_shapes(model: LlamaModel | ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every canonical tensor the model (or a model of this config) needs, unpadded."""
     cfg = model if isinstance(model, ModelConfig) else model.cfg
+    kinds = layer_kinds(cfg) if isinstance(model, ModelConfig) else model.layer_kinds
     d = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     h, i_size = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
@@ -85,6 +89,10 @@ def canonical_shapes(model: LlamaModel | ModelConfig) -> dict[str, tuple[int, ..
             shapes[f"{p}.self_attn.q_proj.bias"] = (cfg.num_heads * d,)
             shapes[f"{p}.self_attn.k_proj.bias"] = (cfg.num_kv_heads * d,)
             shapes[f"{p}.self_attn.v_proj.bias"] = (cfg.num_kv_heads * d,)
+        if kinds[i] == "linear":
+            # lightning attention's output gate and per-head norm (no transformers equivalent)
+            shapes[f"{p}.self_attn.g_proj.weight"] = (cfg.num_heads * d, h)
+            shapes[f"{p}.self_attn.o_norm.weight"] = (cfg.num_heads * d,)
     return shapes
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from longtrain.attention.base import AttentionContext, get_attention
+from longtrain.attention.base import AttentionContext, model_attention
 from longtrain.config.schema import RunConfig
 from longtrain.data.loader import check_resume, data_state, iterate, prefetched
 from longtrain.model.llama import LlamaModel
@@ -40,7 +40,8 @@ def param_dtype(precision: str) -> torch.dtype:
 def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True) -> LlamaModel:
     """This rank's model shard with its weights: from `init.from` or seeded (`weights=False`:
     left uninitialized, for a checkpoint to fill)."""
-    model = LlamaModel(cfg.model, cfg.rope, attention=get_attention(cfg.attention.backend),
+    softmax, linear = model_attention(cfg.attention.backend, cfg.attention.softmax)
+    model = LlamaModel(cfg.model, cfg.rope, attention=softmax, linear_attention=linear,
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)
     if not weights:
@@ -249,5 +250,5 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
                "grad_norm": stats["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / dt,
                "step_time_s": dt, "data_wait_s": t_data, "seq_len": cfg.data.seq_len}
     if check:
-        metrics["attn_parity_err"] = model.layers[0].attn.last_parity_error
+        metrics["attn_parity_err"] = model.parity_error()
     return metrics

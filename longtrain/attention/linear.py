@@ -1,0 +1,393 @@
+"""Causal linear attention (lightning attention with a per-head decay) and its sequence
+parallelism: LASP-1, LASP-2, and LASP-2H's all-gather attention for the softmax layers of
+hybrid models.
+
+Legend: B batch, T local sequence length, H heads (GQA already expanded), K key/query dim,
+V value dim, n the number of sequence chunks over the CP group (2 * cp: the zigzag layout
+gives rank r chunks r and 2cp-1-r; 1 at cp=1).
+
+For one head with decay lambda the layer computes o_t = sum_{s<=t, same document}
+lambda^(t-s) (q_t . k_s) v_s. A chunk c of length L contributes the state
+M_c = sum over its last document's tokens of lambda^(L-1-s) k_s^T v_s, and the state entering
+chunk c is S_0 = 0, S_{c+1} = carry_c lambda^L S_c + M_c, where carry_c says the whole chunk
+continues the document of the incoming state (else that state ends inside it). A chunk's
+output is its intra-chunk attention (the lightning kernel, no communication) plus
+lambda^(i+1) q_i S_c for the rows still in the incoming state's document.
+
+How S reaches each chunk is the SP method, and neither moves anything that grows with T:
+- lasp1: point to point along the chunk chain (the chain visits ranks 0..cp-1, cp-1..0);
+  backward passes dS back along the chain.
+- lasp2: one AllGather of every chunk's M (issued before the intra-chunk attention runs, so
+  the two overlap), a local prefix scan; backward is one AllGather of dS and a suffix scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
+from longtrain.parallel.layout import zigzag_chunk_ids
+
+LINEAR_BACKENDS = ("lasp1", "lasp2")
+DECAYS = ("slopes", "none")
+
+LinearAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              AttentionMeta, AttentionContext], torch.Tensor]
+
+
+def head_log_decay(num_heads: int, kind: str) -> torch.Tensor:
+    """[num_heads] float32 log(lambda) per *global* head: "slopes" = -2^(-8(h+1)/H) (ALiBi's
+    slopes, as in Lightning Attention), "none" = 0 (plain causal linear attention)."""
+    if kind not in DECAYS:
+        raise ValueError(f"model.linear_decay={kind!r} is not one of {list(DECAYS)}")
+    if kind == "none":
+        return torch.zeros(num_heads)
+    h = torch.arange(1, num_heads + 1, dtype=torch.float64)
+    return (-(2.0 ** (-8.0 * h / num_heads))).float()
+
+
+def _lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+               doc_bt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from longtrain_kernels.lightning_attn import lightning_attention
+
+    return lightning_attention(q, k, v, log_decay, doc_bt)
+
+
+# --------------------------------------------------------------------------- chunk bookkeeping
+
+def _chunk_ids(ctx: AttentionContext) -> list[int]:
+    return [0] if ctx.cp_size == 1 else list(zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank))
+
+
+def _split(x: torch.Tensor, ctx: AttentionContext) -> list[torch.Tensor]:
+    return [x] if ctx.cp_size == 1 else list(x.chunk(2, dim=1))
+
+
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _order_gathered(parts: list[torch.Tensor], cp: int) -> torch.Tensor:
+    """Per-rank [2, ...] tensors (each rank's two zigzag chunks) -> [2cp, ...] in chunk order."""
+    out: list[Optional[torch.Tensor]] = [None] * (2 * cp)
+    for r, part in enumerate(parts):
+        first, second = zigzag_chunk_ids(cp, r)
+        out[first], out[second] = part[0], part[1]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _all_gather_chunks(x_local: torch.Tensor, ctx: AttentionContext, *, what: str
+                       ) -> torch.Tensor:
+    """[2, ...] (this rank's chunks) -> [2cp, ...] in chunk order, over the CP group."""
+    from longtrain.parallel.watch import collective
+
+    parts = [torch.empty_like(x_local) for _ in range(ctx.cp_size)]
+    with collective(what, group="context-parallel"):
+        dist.all_gather(parts, x_local.contiguous(), group=ctx.cp_group)
+    return _order_gathered(parts, ctx.cp_size)
+
+
+class _PendingGather:
+    """An asynchronous all-gather of this rank's chunk states (LASP-2's one collective)."""
+
+    def __init__(self, x_local: torch.Tensor, ctx: AttentionContext) -> None:
+        self.ctx = ctx
+        self.parts = [torch.empty_like(x_local) for _ in range(ctx.cp_size)]
+        self.work = dist.all_gather(self.parts, x_local.contiguous(), group=ctx.cp_group,
+                                    async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        from longtrain.parallel.watch import collective
+
+        with collective("LASP-2 state all-gather", group="context-parallel"):
+            self.work.wait()
+        return _order_gathered(self.parts, self.ctx.cp_size)
+
+
+def _doc_summary(doc_bt: Optional[torch.Tensor], ctx: AttentionContext, n: int, b: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """carry [n, B] (chunk c passes its incoming state on: it lies wholly in that state's
+    document) and entry [n, B] (the incoming state's document id; -1 for chunk 0)."""
+    if doc_bt is None:
+        carry = torch.ones(n, b, dtype=torch.bool, device=device)
+        entry = torch.zeros(n, b, dtype=torch.long, device=device)
+        entry[0] = -1
+        return carry, entry
+    local = torch.stack([torch.stack([c[:, 0], c[:, -1]]) for c in _split(doc_bt, ctx)])
+    ends = local if ctx.cp_size == 1 else _all_gather_chunks(local, ctx,
+                                                             what="LASP document-bounds all-gather")
+    first, last = ends[:, 0], ends[:, 1]
+    entry = torch.full_like(last, -1)
+    entry[1:] = last[:-1]
+    carry = (first == last) & (first == entry)
+    return carry, entry
+
+
+def _scan(m_all: torch.Tensor, carry: torch.Tensor, decay_l: torch.Tensor) -> torch.Tensor:
+    """S_c for every chunk from every chunk's M: S_0 = 0, S_{c+1} = carry_c lambda^L S_c + M_c.
+    m_all [n, B, H, K, V], carry [n, B], decay_l [H] (lambda^L)."""
+    s = [torch.zeros_like(m_all[0])]
+    for c in range(m_all.shape[0] - 1):
+        s.append(_decayed(s[-1], carry[c], decay_l) + m_all[c])
+    return torch.stack(s)
+
+
+def _reverse_scan(ds_all: torch.Tensor, carry: torch.Tensor, decay_l: torch.Tensor
+                  ) -> torch.Tensor:
+    """dM_c from every chunk's dS_c (the adjoint of `_scan`): G_c = dS_c + carry_c lambda^L
+    G_{c+1}, dM_c = G_{c+1}; the last chunk's M feeds nothing."""
+    n = ds_all.shape[0]
+    dm = [torch.zeros_like(ds_all[0])]
+    g = ds_all[n - 1]
+    for c in range(n - 2, -1, -1):
+        dm.append(g)
+        g = ds_all[c] + _decayed(g, carry[c], decay_l)
+    return torch.stack(dm[::-1])
+
+
+def _decayed(s_bhkv: torch.Tensor, carry_b: torch.Tensor, decay_l_h: torch.Tensor
+             ) -> torch.Tensor:
+    return s_bhkv * (carry_b.to(s_bhkv.dtype)[:, None, None, None]
+                     * decay_l_h.to(s_bhkv.dtype)[None, :, None, None])
+
+
+# --------------------------------------------------------------------------- the state exchange
+
+class _Lasp2States(torch.autograd.Function):
+    """Local chunks' M [2, B, H, K, V] -> their incoming states S, by one AllGather."""
+
+    @staticmethod
+    def forward(fctx: Any, m_local: torch.Tensor, pending: _PendingGather, carry: torch.Tensor,
+                decay_l: torch.Tensor, ids: list[int], ctx: AttentionContext) -> torch.Tensor:
+        s_all = _scan(pending.wait(), carry, decay_l)
+        fctx.save_for_backward(carry, decay_l)
+        fctx.ids, fctx.attn_ctx = ids, ctx
+        return s_all[ids]
+
+    @staticmethod
+    def backward(fctx: Any, ds_local: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        carry, decay_l = fctx.saved_tensors
+        ds_all = _all_gather_chunks(ds_local, fctx.attn_ctx, what="LASP-2 dS all-gather")
+        return _reverse_scan(ds_all, carry, decay_l)[fctx.ids], None, None, None, None, None
+
+
+def _chain_owner(c: int, cp: int) -> int:
+    return c if c < cp else 2 * cp - 1 - c
+
+
+class _Lasp1States(torch.autograd.Function):
+    """Local chunks' M -> their incoming states S, passed point to point along the chain of
+    chunks 0, 1, ..., 2cp-1 (ranks 0..cp-1 then back); backward runs the chain in reverse."""
+
+    @staticmethod
+    def forward(fctx: Any, m_local: torch.Tensor, carry: torch.Tensor, decay_l: torch.Tensor,
+                ids: list[int], ctx: AttentionContext) -> torch.Tensor:
+        fctx.save_for_backward(carry, decay_l)
+        fctx.ids, fctx.attn_ctx = ids, ctx
+        mine = {c: m_local[i] for i, c in enumerate(ids)}
+        states = _walk_chain(ctx, order=range(2 * ctx.cp_size),
+                             step=lambda c, s: _decayed(s, carry[c], decay_l) + mine[c],
+                             start=torch.zeros_like(m_local[0]), what="LASP-1 state send/recv")
+        return torch.stack([states[c] for c in ids])
+
+    @staticmethod
+    def backward(fctx: Any, ds_local: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        carry, decay_l = fctx.saved_tensors
+        ids, ctx = fctx.ids, fctx.attn_ctx
+        ds = {c: ds_local[i] for i, c in enumerate(ids)}
+        # g(c) = dL/dS_c through every later chunk: g(c) = dS_c + carry_c lambda^L g(c + 1);
+        # what enters chunk c on the reverse walk is g(c + 1) = dM_c (0 for the last chunk)
+        dm = _walk_chain(ctx, order=range(2 * ctx.cp_size - 1, -1, -1),
+                         step=lambda c, g_next: ds[c] + _decayed(g_next, carry[c], decay_l),
+                         start=torch.zeros_like(ds_local[0]), what="LASP-1 dS send/recv")
+        return torch.stack([dm[c] for c in ids]), None, None, None, None
+
+
+def _walk_chain(ctx: AttentionContext, *, order: range,
+                step: Callable[[int, torch.Tensor], torch.Tensor], start: torch.Tensor,
+                what: str) -> dict[int, torch.Tensor]:
+    """Walk the chunk chain in `order`, each rank acting for the chunks it owns: the value
+    entering chunk `c` is `start` for the first, else received from the previous chunk's owner
+    (or kept, when that is this rank); `step(c, entering)` goes on to the next chunk's owner.
+    Returns {c: the value entering c} for this rank's chunks."""
+    from longtrain.parallel.watch import collective
+
+    cp, rank = ctx.cp_size, ctx.cp_rank
+    ranks = dist.get_process_group_ranks(ctx.cp_group)
+    seq = list(order)
+    out: dict[int, torch.Tensor] = {}
+    carried: Optional[torch.Tensor] = None
+    sends = []
+    with collective(what, group="context-parallel"):
+        for pos, c in enumerate(seq):
+            if _chain_owner(c, cp) != rank:
+                continue
+            prev = seq[pos - 1] if pos > 0 else None
+            if prev is None:
+                entering = start
+            elif _chain_owner(prev, cp) == rank:
+                entering = carried
+            else:
+                entering = torch.empty_like(start)
+                dist.recv(entering, src=ranks[_chain_owner(prev, cp)], group=ctx.cp_group)
+            leaving = step(c, entering)
+            out[c] = entering
+            carried = leaving
+            nxt = seq[pos + 1] if pos + 1 < len(seq) else None
+            if nxt is not None and _chain_owner(nxt, cp) != rank:
+                sends.append(dist.isend(leaving.contiguous(), dst=ranks[_chain_owner(nxt, cp)],
+                                        group=ctx.cp_group))
+        for req in sends:
+            req.wait()
+    return out
+
+
+# --------------------------------------------------------------------------- the layer op
+
+def _last_doc_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                    doc_bt: Optional[torch.Tensor]) -> torch.Tensor:
+    """M of one chunk [B, H, K, V]: its last document's k^T v, decayed to the chunk's end."""
+    length = k.shape[1]
+    dt = _state_dtype(k)
+    age = torch.arange(length - 1, -1, -1, device=k.device, dtype=dt)
+    w_bsh = torch.exp(age[:, None] * log_decay.to(dt)[None, :]).expand(k.shape[0], -1, -1)
+    if doc_bt is not None:
+        w_bsh = w_bsh * (doc_bt == doc_bt[:, -1:]).to(dt)[:, :, None]
+    return torch.einsum("bshk,bshv->bhkv", k.to(dt) * w_bsh[..., None], v.to(dt))
+
+
+def _inter(q: torch.Tensor, s_bhkv: torch.Tensor, log_decay: torch.Tensor,
+           doc_bt: Optional[torch.Tensor], entry_b: torch.Tensor) -> torch.Tensor:
+    """lambda^(i+1) q_i S for the rows still in the incoming state's document."""
+    dt = s_bhkv.dtype
+    i = torch.arange(1, q.shape[1] + 1, device=q.device, dtype=dt)
+    w_blh = torch.exp(i[:, None] * log_decay.to(dt)[None, :]).expand(q.shape[0], -1, -1)
+    if doc_bt is not None:
+        w_blh = w_blh * (doc_bt == entry_b[:, None]).to(dt)[:, :, None]
+    return torch.einsum("blhk,bhkv->blhv", q.to(dt) * w_blh[..., None], s_bhkv).to(q.dtype)
+
+
+def _lasp(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          log_decay: torch.Tensor, meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+    doc = meta.doc_ids_bt
+    if ctx.cp_size == 1:
+        return _lightning(q, k, v, log_decay, doc)[0]
+    ids = _chunk_ids(ctx)
+    carry, entry = _doc_summary(doc, ctx, 2 * ctx.cp_size, q.shape[0], q.device)
+    qs, ks, vs = _split(q, ctx), _split(k, ctx), _split(v, ctx)
+    docs = _split(doc, ctx) if doc is not None else [None, None]
+    dt = _state_dtype(q)
+    decay_l = torch.exp(log_decay.to(dt) * qs[0].shape[1])
+    if method == "lasp2":
+        # the states first, so their AllGather runs while the intra-chunk attention computes
+        m_local = torch.stack([_last_doc_state(kc, vc, log_decay, dc)
+                               for kc, vc, dc in zip(ks, vs, docs)])
+        pending = _PendingGather(m_local.detach(), ctx)
+        intra = [_lightning(qc, kc, vc, log_decay, dc)[0]
+                 for qc, kc, vc, dc in zip(qs, ks, vs, docs)]
+        s_local = _Lasp2States.apply(m_local, pending, carry, decay_l, ids, ctx)
+    else:
+        results = [_lightning(qc, kc, vc, log_decay, dc) for qc, kc, vc, dc in zip(qs, ks, vs, docs)]
+        intra = [o for o, _ in results]
+        s_local = _Lasp1States.apply(torch.stack([m.to(dt) for _, m in results]), carry, decay_l,
+                                     ids, ctx)
+    outs = [o if c == 0 else o + _inter(qc, s_local[i], log_decay, dc, entry[c])
+            for i, (c, o, qc, dc) in enumerate(zip(ids, intra, qs, docs))]
+    return torch.cat(outs, dim=1)
+
+
+def lasp1_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                    meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+    """Causal linear attention of this rank's zigzag shard, the state passed along the chain
+    of chunks (LASP-1). q, k [B, T, H, K], v [B, T, H, V], log_decay [H] (this rank's heads)."""
+    return _lasp("lasp1", q, k, v, log_decay, meta, ctx)
+
+
+def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                    meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+    """As `lasp1_attention`, the states exchanged by one AllGather (LASP-2)."""
+    return _lasp("lasp2", q, k, v, log_decay, meta, ctx)
+
+
+_LINEAR: dict[str, LinearAttentionFn] = {"lasp1": lasp1_attention, "lasp2": lasp2_attention}
+
+
+def linear_attention(name: str) -> LinearAttentionFn:
+    if name not in _LINEAR:
+        raise ValueError(f"attention.backend={name!r} is not a linear-attention method "
+                         f"({list(_LINEAR)})")
+    return _LINEAR[name]
+
+
+# --------------------------------------------------------------------------- LASP-2H
+
+def _chunk_major(x_b2l: torch.Tensor) -> torch.Tensor:
+    """[B, 2L, ...] -> [2, B, L, ...] (this rank's two zigzag chunks first)."""
+    b, t = x_b2l.shape[:2]
+    return x_b2l.reshape(b, 2, t // 2, *x_b2l.shape[2:]).transpose(0, 1)
+
+
+def _sequence_major(x_nbl: torch.Tensor) -> torch.Tensor:
+    """[n, B, L, ...] (chunks in order) -> [B, n * L, ...]."""
+    n, b, length = x_nbl.shape[:3]
+    return x_nbl.transpose(0, 1).reshape(b, n * length, *x_nbl.shape[3:])
+
+
+def gather_sequence(x_local: torch.Tensor, ctx: AttentionContext, *, what: str) -> torch.Tensor:
+    """This rank's zigzag shard [B, 2L, ...] -> the whole sequence [B, 2cp * L, ...] in order
+    (no gradient)."""
+    return _sequence_major(_all_gather_chunks(_chunk_major(x_local), ctx, what=what))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """`gather_sequence` with its adjoint: every rank's gradient of the whole sequence summed
+    over the CP group, this rank's chunks kept (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(fctx: Any, x_local: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        fctx.attn_ctx = ctx
+        return gather_sequence(x_local, ctx, what="LASP-2H K/V all-gather")
+
+    @staticmethod
+    def backward(fctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
+        from longtrain.parallel.watch import collective
+
+        ctx = fctx.attn_ctx
+        grad = grad.contiguous()
+        with collective("LASP-2H dK/dV all-reduce", group="context-parallel"):
+            dist.all_reduce(grad, group=ctx.cp_group)
+        chunks = grad.chunk(2 * ctx.cp_size, dim=1)
+        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
+        return torch.cat([chunks[first], chunks[second]], dim=1), None
+
+
+@register_attention("allgather", supports_cp=True)
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                        ctx: AttentionContext) -> torch.Tensor:
+    """Softmax attention of this rank's queries against the whole sequence's K/V, all-gathered
+    over the CP group (LASP-2H's softmax layers). Shapes as in attention.base."""
+    import torch.nn.functional as F
+
+    from longtrain.attention.dense import dense_attention
+
+    if ctx.cp_size == 1:
+        return dense_attention(q, k, v, meta, ctx)
+    k_all, v_all = _GatherSequence.apply(k, ctx), _GatherSequence.apply(v, ctx)
+    length = q.shape[1] // 2
+    q_index = torch.cat([torch.arange(c * length, (c + 1) * length, device=q.device)
+                         for c in _chunk_ids(ctx)])
+    allowed = torch.arange(k_all.shape[1], device=q.device)[None, :] <= q_index[:, None]
+    allowed = allowed[None].expand(q.shape[0], -1, -1)
+    if meta.doc_ids_bt is not None:
+        doc_all = gather_sequence(meta.doc_ids_bt, ctx, what="LASP-2H document-id all-gather")
+        allowed = allowed & (meta.doc_ids_bt[:, :, None] == doc_all[:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    mask.masked_fill_(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2),
+                                         v_all.transpose(1, 2), attn_mask=mask[:, None],
+                                         scale=meta.softmax_scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
