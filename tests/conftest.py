@@ -6,6 +6,10 @@ reference that is (close to) all zeros does not turn rounding noise into a huge 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 # float32 production code against a float64 oracle (plain PyTorch Llama): observed <= ~1e-6.
@@ -40,3 +44,13 @@ def worst(errors: dict[str, float]) -> tuple[str, float]:
     """(name, error) of the largest entry, for assertion messages."""
     name = max(errors, key=errors.__getitem__)
     return name, errors[name]
+
+
+def assert_runs_without_triton(code: str) -> None:
+    """Run `code` in a fresh interpreter where `import triton` fails (and the Triton
+    interpreter is off); it must print exactly 'ok'."""
+    code = "import sys, torch; sys.modules['triton'] = None; " + code
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from typing import Any, Optional
 
 import pytest
@@ -25,11 +23,12 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import BF16_RTOL, FP32_RTOL, rel_err, worst  # noqa: E402
+from conftest import (BF16_RTOL, FP32_RTOL, assert_runs_without_triton,  # noqa: E402
+                      rel_err, worst)
+from longtrain_kernels import _launch_common  # noqa: E402
 from longtrain_kernels.flash_attn import (attention_block_naive,  # noqa: E402
                                           attention_block_naive_backward, flash_attention,
                                           flash_block_backward, flash_block_forward)
-from longtrain_kernels.flash_attn import launch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D = 16
@@ -39,7 +38,7 @@ NEG_INF = float("-inf")
 
 @pytest.fixture(autouse=True)
 def _nan_filled_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launch, "DEBUG_FILL_NAN", True)
+    monkeypatch.setattr(_launch_common, "DEBUG_FILL_NAN", True)
 
 
 def _docs(runs: list[tuple[int, int]], batch: int) -> torch.Tensor:
@@ -227,12 +226,8 @@ def test_bad_arguments_name_the_values() -> None:
 
 
 def test_package_imports_without_triton() -> None:
-    code = ("import sys; sys.modules['triton'] = None; "
-            "import longtrain_kernels.flash_attn as f; assert not f.available(); print('ok')")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert_runs_without_triton(
+        "import longtrain_kernels.flash_attn as f; assert not f.available(); print('ok')")
 
 
 @pytest.mark.gpu

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from typing import Any, Callable, Optional
 
 import pytest
@@ -25,12 +23,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from conftest import BF16_RTOL, FP32_RTOL, rel_err, worst  # noqa: E402
+from conftest import (BF16_RTOL, FP32_RTOL, assert_runs_without_triton,  # noqa: E402
+                      rel_err, worst)
+from longtrain_kernels import _launch_common  # noqa: E402
 from longtrain_kernels.lightning_attn import (lightning_attention,  # noqa: E402
                                               lightning_attention_naive,
                                               lightning_attention_torch, lightning_backward,
                                               lightning_forward)
-from longtrain_kernels.lightning_attn import launch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -41,7 +40,7 @@ Outputs = tuple[torch.Tensor, torch.Tensor]
 
 @pytest.fixture(autouse=True)
 def _nan_filled_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launch, "DEBUG_FILL_NAN", True)
+    monkeypatch.setattr(_launch_common, "DEBUG_FILL_NAN", True)
 
 
 def _docs(rows: list[list[tuple[int, int]]], *, device: torch.device) -> torch.Tensor:
@@ -213,14 +212,10 @@ def test_bad_arguments_name_the_argument() -> None:
 
 
 def test_package_imports_without_triton() -> None:
-    code = ("import sys, torch; sys.modules['triton'] = None; "
-            "import longtrain_kernels.lightning_attn as m; assert not m.available(); "
-            "x = torch.randn(1, 5, 1, 4); "
-            "o, s = m.lightning_attention(x, x, x, torch.zeros(1)); print('ok')")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert_runs_without_triton(
+        "import longtrain_kernels.lightning_attn as m; assert not m.available(); "
+        "x = torch.randn(1, 5, 1, 4); "
+        "o, s = m.lightning_attention(x, x, x, torch.zeros(1)); print('ok')")
 
 
 @pytest.mark.gpu

@@ -8,11 +8,13 @@ imports on machines without it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
 import torch
+
+from longtrain_kernels._launch_common import (check_pow2_at_least_16, device_ctx,
+                                              dot_precision, empty, head_dim_last)
 
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,22 +27,6 @@ _BWD_TILES = dict(block_m=128, block_n=64, dkdv_block_m=64, dkdv_block_n=128, nu
 def _warps(block_a: int, block_b: int) -> int:
     # On the 128 x 64 tiles 4 warps measured 1.5x (forward) to 4x (backward) slower than 8.
     return 8 if block_a * block_b >= 128 * 64 else 4
-
-
-# Set by tests: outputs start as NaN instead of uninitialised memory, so an element a
-# kernel forgot to write shows up.
-DEBUG_FILL_NAN = False
-
-
-def _empty(shape: tuple[int, ...], *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if DEBUG_FILL_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _head_dim_last(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch/time/head strides but need the head dim contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _check(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
@@ -62,9 +48,8 @@ def _check(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
     if not (q_bthd.dtype == k_bthd.dtype == v_bthd.dtype) or q_bthd.dtype not in _DTYPES:
         raise ValueError(f"q, k, v dtypes must match and be one of {_DTYPES}; got "
                          f"{q_bthd.dtype}, {k_bthd.dtype}, {v_bthd.dtype}")
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name}={blk} must be a power of two >= 16")
+    check_pow2_at_least_16("block_m", block_m)
+    check_pow2_at_least_16("block_n", block_n)
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc must be given together")
     if q_doc is not None:
@@ -84,16 +69,6 @@ def _docs(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], *,
         return dummy, dummy, 0, 0, False
     q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
     return q_doc, k_doc, q_doc.stride(0), k_doc.stride(0), True
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs are used for checking: keep them exact rather than TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _device_ctx(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensors' GPU, not the current one (interpreter runs take CPU tensors)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -116,16 +91,16 @@ def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     block_n = block_n or _FWD_TILES["block_n"]
     num_stages = num_stages or _FWD_TILES["num_stages"]
     _check(q, k, v, q_doc, k_doc, block_m=block_m, block_n=block_n)
-    q, k, v = _head_dim_last(q), _head_dim_last(k), _head_dim_last(v)
+    q, k, v = head_dim_last(q), head_dim_last(k), head_dim_last(v)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    out_bthd = _empty((b, tq, hq, d), like=q, dtype=q.dtype)
-    lse_bht = _empty((b, hq, tq), like=q, dtype=torch.float32)
+    out_bthd = empty((b, tq, hq, d), like=q, dtype=q.dtype)
+    lse_bht = empty((b, hq, tq), like=q, dtype=torch.float32)
     if out_bthd.numel() == 0:
         return out_bthd, lse_bht
     q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
     grid = (math.ceil(tq / block_m), b * hq)
-    with _device_ctx(q):
+    with device_ctx(q):
         kernel.flash_fwd_kernel[grid](
             q, k, v, out_bthd, lse_bht, q_doc, k_doc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -134,7 +109,7 @@ def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
             stride_qdb, stride_kdb, hq, tq, tk, q_offset, k_offset, scale * math.log2(math.e),
             GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
             HAS_DOC=has_doc,
-            DOT_PRECISION=_dot_precision(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype),
             num_warps=num_warps or _warps(block_m, block_n),
             num_stages=num_stages)
     return out_bthd, lse_bht
@@ -179,22 +154,22 @@ def flash_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     tk, hkv = k.shape[1], k.shape[2]
     if lse.shape != (b, hq, tq):
         raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, Tq] = {(b, hq, tq)}")
-    q, k, v = _head_dim_last(q), _head_dim_last(k), _head_dim_last(v)
+    q, k, v = head_dim_last(q), head_dim_last(k), head_dim_last(v)
     # dO feeds tensor-core dots with V and K; out (any float dtype, e.g. an fp32 merged
     # output) is only read by the preprocess.
-    dout, out = _head_dim_last(dout.to(q.dtype)), _head_dim_last(out)
+    dout, out = head_dim_last(dout.to(q.dtype)), head_dim_last(out)
     lse = lse.float().contiguous()
-    dq_bthd = _empty((b, tq, hq, d), like=q, dtype=q.dtype)
-    dk_bthd = _empty((b, tk, hkv, d), like=k, dtype=k.dtype)
-    dv_bthd = _empty((b, tk, hkv, d), like=v, dtype=v.dtype)
+    dq_bthd = empty((b, tq, hq, d), like=q, dtype=q.dtype)
+    dk_bthd = empty((b, tk, hkv, d), like=k, dtype=k.dtype)
+    dv_bthd = empty((b, tk, hkv, d), like=v, dtype=v.dtype)
     if tq == 0 or tk == 0 or b * hq == 0:
         return dq_bthd.zero_(), dk_bthd.zero_(), dv_bthd.zero_()
     delta_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     lse2_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
-    with _device_ctx(q):
+    with device_ctx(q):
         kernel.flash_bwd_preprocess_kernel[(math.ceil(tq / 64), b * hq)](
             out, dout, lse, delta_bht, lse2_bht,
             out.stride(0), out.stride(1), out.stride(2),

@@ -5,9 +5,9 @@ block. A program owns one (batch, head) and loops over the sequence in blocks, k
 running [DK, DV] state (or a column slice of it) in registers: per block the masked
 quadratic term inside the block plus the term against the state carried from earlier
 blocks. Programs own column slices of the state so it fits on chip at D = 128: the forward
-and the dv reverse scan split DV (BLOCK_DV), the dq forward scan and the dk reverse scan
-split DK (BLOCK_DK). Everything is computed in float32
-(IEEE dots for float32 inputs). Derivations are in README.md.
+scan splits DV (BLOCK_DV), the dq forward scan DK (BLOCK_DK), and the reverse scan, launched
+once for dk and once for dv (WANT_DK), splits DK or DV (BLOCK_D). Everything is computed in
+float32 (IEEE dots for float32 inputs). Derivations are in README.md.
 
 SEG holds segment ids [B, T] int32 (contiguous document runs numbered 0, 1, ...); with
 HAS_DOC false every token is in one document. Host code lives in launch.py.
@@ -133,86 +133,48 @@ def lightning_bwd_dq_kernel(K, V, DO, DQ, LD, SEG,
 
 
 @triton.jit
-def lightning_bwd_dk_kernel(Q, V, DO, DSTATE, DK_OUT, LD, SEG,
-                            stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-                            stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt,
-                            stride_dkh, stride_segb, H, T,
-                            DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_DK: tl.constexpr, HAS_DOC: tl.constexpr,
-                            HAS_DSTATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dk [B, T, H, DK] for BLOCK_DK columns of one head: a reverse scan carrying those rows
-    of the state gradient dS [DK, DV], which starts at the gradient of the returned state.
+def lightning_bwd_dkv_kernel(Q, KV, DO, DSTATE, DKV, LD, SEG,
+                             stride_qb, stride_qt, stride_qh, stride_kvb, stride_kvt,
+                             stride_kvh, stride_dob, stride_dot, stride_doh, stride_dkvb,
+                             stride_dkvt, stride_dkvh, stride_segb, H, T,
+                             DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                             BLOCK_D: tl.constexpr, WANT_DK: tl.constexpr,
+                             HAS_DOC: tl.constexpr, HAS_DSTATE: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    """dk [B, T, H, DK] (WANT_DK; KV is v) or dv [B, T, H, DV] (KV is k) for BLOCK_D
+    columns of one head: a reverse scan carrying those rows (dk) or columns (dv) of the
+    state gradient dS [DK, DV], which starts at the gradient of the returned state.
 
-    dk_j = sum_{s >= j} mask[s, j] (dO_s . v_j) q_s + out_of_j dS v_j.
-    """
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_k = tl.program_id(1) * BLOCK_DK + tl.arange(0, BLOCK_DK)
-    offs_v = tl.arange(0, DV)
-    Q += b * stride_qb + h * stride_qh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    DK_OUT += b * stride_dkb + h * stride_dkh
-    SEG += b * stride_segb
-    ld = tl.load(LD + h).to(tl.float32)
-
-    if HAS_DSTATE:
-        dstate = tl.load(DSTATE + pid_bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV
-                         + offs_v[None, :])
-    else:
-        dstate = tl.zeros([BLOCK_DK, DV], dtype=tl.float32)
-    n_blocks = tl.cdiv(T, BLOCK)
-    for rev in range(0, n_blocks):
-        n0 = (n_blocks - 1 - rev) * BLOCK
-        offs_t, row_ok, mask, into, out_of, carry = _block_weights(SEG, ld, n0, T, HAS_DOC,
-                                                                   BLOCK)
-        q = tl.load(Q + offs_t[:, None] * stride_qt + offs_k[None, :], mask=row_ok[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + offs_t[:, None] * stride_vt + offs_v[None, :], mask=row_ok[:, None],
-                    other=0.0).to(tl.float32)
-        do = tl.load(DO + offs_t[:, None] * stride_dot + offs_v[None, :], mask=row_ok[:, None],
-                     other=0.0).to(tl.float32)
-        # Transposed: rows j are keys, columns s the later query positions.
-        dov_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * tl.trans(mask)
-        dk = tl.dot(dov_t, q, input_precision=DOT_PRECISION)
-        dk += out_of[:, None] * tl.dot(v, tl.trans(dstate), input_precision=DOT_PRECISION)
-        tl.store(DK_OUT + offs_t[:, None] * stride_dkt + offs_k[None, :],
-                 dk.to(DK_OUT.dtype.element_ty), mask=row_ok[:, None])
-        dstate = carry * dstate + tl.dot(tl.trans(q * into[:, None]), do,
-                                         input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def lightning_bwd_dv_kernel(Q, K, DO, DSTATE, DV_OUT, LD, SEG,
-                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                            stride_dob, stride_dot, stride_doh, stride_dvb, stride_dvt,
-                            stride_dvh, stride_segb, H, T,
-                            DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_DV: tl.constexpr, HAS_DOC: tl.constexpr,
-                            HAS_DSTATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dv [B, T, H, DV] for BLOCK_DV columns of one head: a reverse scan carrying those
-    columns of the state gradient dS [DK, DV].
-
+    dk_j = sum_{s >= j} mask[s, j] (dO_s . v_j) q_s + out_of_j dS v_j,
     dv_j = sum_{s >= j} mask[s, j] (q_s . k_j) dO_s + out_of_j dS^T k_j.
     """
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_k = tl.arange(0, DK)
-    offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    if WANT_DK:
+        offs_k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_v = tl.arange(0, DV)
+        offs_kv = offs_v
+        offs_out = offs_k
+    else:
+        offs_k = tl.arange(0, DK)
+        offs_v = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_kv = offs_k
+        offs_out = offs_v
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
+    KV += b * stride_kvb + h * stride_kvh
     DO += b * stride_dob + h * stride_doh
-    DV_OUT += b * stride_dvb + h * stride_dvh
+    DKV += b * stride_dkvb + h * stride_dkvh
     SEG += b * stride_segb
     ld = tl.load(LD + h).to(tl.float32)
 
     if HAS_DSTATE:
         dstate = tl.load(DSTATE + pid_bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV
                          + offs_v[None, :])
+    elif WANT_DK:
+        dstate = tl.zeros([BLOCK_D, DV], dtype=tl.float32)
     else:
-        dstate = tl.zeros([DK, BLOCK_DV], dtype=tl.float32)
+        dstate = tl.zeros([DK, BLOCK_D], dtype=tl.float32)
     n_blocks = tl.cdiv(T, BLOCK)
     for rev in range(0, n_blocks):
         n0 = (n_blocks - 1 - rev) * BLOCK
@@ -220,14 +182,21 @@ def lightning_bwd_dv_kernel(Q, K, DO, DSTATE, DV_OUT, LD, SEG,
                                                                    BLOCK)
         q = tl.load(Q + offs_t[:, None] * stride_qt + offs_k[None, :], mask=row_ok[:, None],
                     other=0.0).to(tl.float32)
-        k = tl.load(K + offs_t[:, None] * stride_kt + offs_k[None, :], mask=row_ok[:, None],
-                    other=0.0).to(tl.float32)
+        kv = tl.load(KV + offs_t[:, None] * stride_kvt + offs_kv[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
         do = tl.load(DO + offs_t[:, None] * stride_dot + offs_v[None, :], mask=row_ok[:, None],
                      other=0.0).to(tl.float32)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * tl.trans(mask)
-        dv = tl.dot(qk_t, do, input_precision=DOT_PRECISION)
-        dv += out_of[:, None] * tl.dot(k, dstate, input_precision=DOT_PRECISION)
-        tl.store(DV_OUT + offs_t[:, None] * stride_dvt + offs_v[None, :],
-                 dv.to(DV_OUT.dtype.element_ty), mask=row_ok[:, None])
+        # Transposed: rows j are keys, columns s the later query positions.
+        if WANT_DK:
+            dov_t = tl.dot(kv, tl.trans(do), input_precision=DOT_PRECISION) * tl.trans(mask)
+            grad = tl.dot(dov_t, q, input_precision=DOT_PRECISION)
+            grad += out_of[:, None] * tl.dot(kv, tl.trans(dstate),
+                                             input_precision=DOT_PRECISION)
+        else:
+            qk_t = tl.dot(kv, tl.trans(q), input_precision=DOT_PRECISION) * tl.trans(mask)
+            grad = tl.dot(qk_t, do, input_precision=DOT_PRECISION)
+            grad += out_of[:, None] * tl.dot(kv, dstate, input_precision=DOT_PRECISION)
+        tl.store(DKV + offs_t[:, None] * stride_dkvt + offs_out[None, :],
+                 grad.to(DKV.dtype.element_ty), mask=row_ok[:, None])
         dstate = carry * dstate + tl.dot(tl.trans(q * into[:, None]), do,
                                          input_precision=DOT_PRECISION)

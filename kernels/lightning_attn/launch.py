@@ -8,47 +8,26 @@ machines without it.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
+
+from longtrain_kernels._launch_common import (check_pow2_at_least_16, device_ctx,
+                                              dot_precision, empty, head_dim_last)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_BLOCK = 64
 # Column slices of the state one program holds: at most 64 x 128 float32 in registers.
-_MAX_BLOCK_DV = 64
-_MAX_BLOCK_DK = 64
+_MAX_BLOCK_COLS = 64
 
-# Set by tests: outputs start as NaN instead of uninitialised memory, so an element a
-# kernel forgot to write shows up.
-DEBUG_FILL_NAN = False
-
-
-def _empty(shape: tuple[int, ...], *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if DEBUG_FILL_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _head_dim_last(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch/time/head strides but need the head dim contiguous."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs are used for checking: keep them exact rather than TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _device_ctx(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensors' GPU, not the current one (interpreter runs take CPU tensors)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _pow2_at_least_16(name: str, value: int) -> None:
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name}={value} must be a power of two >= 16")
+def _column_block(name: str, block: Optional[int], *, dim_name: str, dim: int) -> int:
+    """The state columns one program holds: `block` (checked) or the default for `dim`."""
+    block = block or min(dim, _MAX_BLOCK_COLS)
+    check_pow2_at_least_16(name, block)
+    if block > dim:
+        raise ValueError(f"{name}={block} must be <= {dim_name}={dim}")
+    return block
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -72,7 +51,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.T
     if seg is not None and (seg.shape != q.shape[:2] or seg.dtype != torch.int32):
         raise ValueError(f"seg must be int32 [B, T] = {tuple(q.shape[:2])}; got "
                          f"{tuple(seg.shape)} {seg.dtype}")
-    _pow2_at_least_16("block_size", block_size)
+    check_pow2_at_least_16("block_size", block_size)
 
 
 def _seg_arg(seg: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -96,29 +75,26 @@ def lightning_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check(q, k, v, log_decay, seg, block_size=block_size)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    block_dv = block_dv or min(dv, _MAX_BLOCK_DV)
-    _pow2_at_least_16("block_dv", block_dv)
-    if block_dv > dv:
-        raise ValueError(f"block_dv={block_dv} must be <= Dv={dv}")
+    block_dv = _column_block("block_dv", block_dv, dim_name="Dv", dim=dv)
     from longtrain_kernels.lightning_attn import kernel
 
-    q, k, v = _head_dim_last(q), _head_dim_last(k), _head_dim_last(v)
-    o_bthd = _empty((b, t, h, dv), like=q, dtype=q.dtype)
-    state_bhkv = _empty((b, h, dk, dv), like=q, dtype=torch.float32)
+    q, k, v = head_dim_last(q), head_dim_last(k), head_dim_last(v)
+    o_bthd = empty((b, t, h, dv), like=q, dtype=q.dtype)
+    state_bhkv = empty((b, h, dk, dv), like=q, dtype=torch.float32)
     if t == 0:
         return o_bthd, state_bhkv.zero_()
     if b * h == 0:
         return o_bthd, state_bhkv
     seg, stride_segb = _seg_arg(seg, q)
     log_decay = log_decay.contiguous()
-    with _device_ctx(q):
+    with device_ctx(q):
         kernel.lightning_fwd_kernel[(b * h, dv // block_dv)](
             q, k, v, o_bthd, state_bhkv, log_decay, seg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o_bthd.stride(0), o_bthd.stride(1), o_bthd.stride(2), stride_segb, h, t,
             DK=dk, DV=dv, BLOCK=block_size, BLOCK_DV=block_dv, HAS_DOC=seg.dim() == 2,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps)
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps)
     return o_bthd, state_bhkv
 
 
@@ -139,14 +115,8 @@ def lightning_backward(do: torch.Tensor, dstate: Optional[torch.Tensor], q: torc
     _check(q, k, v, log_decay, seg, block_size=block_size)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    block_dk = block_dk or min(dk, _MAX_BLOCK_DK)
-    _pow2_at_least_16("block_dk", block_dk)
-    if block_dk > dk:
-        raise ValueError(f"block_dk={block_dk} must be <= Dk={dk}")
-    block_dv = block_dv or min(dv, _MAX_BLOCK_DV)
-    _pow2_at_least_16("block_dv", block_dv)
-    if block_dv > dv:
-        raise ValueError(f"block_dv={block_dv} must be <= Dv={dv}")
+    block_dk = _column_block("block_dk", block_dk, dim_name="Dk", dim=dk)
+    block_dv = _column_block("block_dv", block_dv, dim_name="Dv", dim=dv)
     if do.shape != v.shape:
         raise ValueError(f"do {tuple(do.shape)} must match v {tuple(v.shape)}")
     if dstate is not None and dstate.shape != (b, h, dk, dv):
@@ -154,11 +124,11 @@ def lightning_backward(do: torch.Tensor, dstate: Optional[torch.Tensor], q: torc
                          f"{(b, h, dk, dv)}")
     from longtrain_kernels.lightning_attn import kernel
 
-    q, k, v = _head_dim_last(q), _head_dim_last(k), _head_dim_last(v)
-    do = _head_dim_last(do.to(q.dtype))
-    dq_bthd = _empty((b, t, h, dk), like=q, dtype=q.dtype)
-    dk_bthd = _empty((b, t, h, dk), like=k, dtype=k.dtype)
-    dv_bthd = _empty((b, t, h, dv), like=v, dtype=v.dtype)
+    q, k, v = head_dim_last(q), head_dim_last(k), head_dim_last(v)
+    do = head_dim_last(do.to(q.dtype))
+    dq_bthd = empty((b, t, h, dk), like=q, dtype=q.dtype)
+    dk_bthd = empty((b, t, h, dk), like=k, dtype=k.dtype)
+    dv_bthd = empty((b, t, h, dv), like=v, dtype=v.dtype)
     if t == 0 or b * h == 0:
         return dq_bthd, dk_bthd, dv_bthd
     seg, stride_segb = _seg_arg(seg, q)
@@ -166,8 +136,8 @@ def lightning_backward(do: torch.Tensor, dstate: Optional[torch.Tensor], q: torc
     has_dstate = dstate is not None
     dstate_bhkv = dstate.float().contiguous() if has_dstate else seg
     log_decay = log_decay.contiguous()
-    precision = _dot_precision(q.dtype)
-    with _device_ctx(q):
+    precision = dot_precision(q.dtype)
+    with device_ctx(q):
         kernel.lightning_bwd_dq_kernel[(b * h, dk // block_dk)](
             k, v, do, dq_bthd, log_decay, seg,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -175,18 +145,16 @@ def lightning_backward(do: torch.Tensor, dstate: Optional[torch.Tensor], q: torc
             dq_bthd.stride(0), dq_bthd.stride(1), dq_bthd.stride(2), stride_segb, h, t,
             DV=dv, BLOCK=block_size, BLOCK_DK=block_dk, HAS_DOC=has_doc,
             DOT_PRECISION=precision, num_warps=num_warps)
-        kernel.lightning_bwd_dk_kernel[(b * h, dk // block_dk)](
-            q, v, do, dstate_bhkv, dk_bthd, log_decay, seg,
-            q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dk_bthd.stride(0), dk_bthd.stride(1), dk_bthd.stride(2), stride_segb, h, t,
-            DK=dk, DV=dv, BLOCK=block_size, BLOCK_DK=block_dk, HAS_DOC=has_doc,
-            HAS_DSTATE=has_dstate, DOT_PRECISION=precision, num_warps=num_warps)
-        kernel.lightning_bwd_dv_kernel[(b * h, dv // block_dv)](
-            q, k, do, dstate_bhkv, dv_bthd, log_decay, seg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dv_bthd.stride(0), dv_bthd.stride(1), dv_bthd.stride(2), stride_segb, h, t,
-            DK=dk, DV=dv, BLOCK=block_size, BLOCK_DV=block_dv, HAS_DOC=has_doc,
-            HAS_DSTATE=has_dstate, DOT_PRECISION=precision, num_warps=num_warps)
+        # dk scans key columns against v, dv value columns against k.
+        for kv, grad_bthd, block, want_dk in ((v, dk_bthd, block_dk, True),
+                                              (k, dv_bthd, block_dv, False)):
+            kernel.lightning_bwd_dkv_kernel[(b * h, grad_bthd.shape[-1] // block)](
+                q, kv, do, dstate_bhkv, grad_bthd, log_decay, seg,
+                q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1), kv.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                grad_bthd.stride(0), grad_bthd.stride(1), grad_bthd.stride(2), stride_segb, h, t,
+                DK=dk, DV=dv, BLOCK=block_size, BLOCK_D=block, WANT_DK=want_dk,
+                HAS_DOC=has_doc, HAS_DSTATE=has_dstate, DOT_PRECISION=precision,
+                num_warps=num_warps)
     return dq_bthd, dk_bthd, dv_bthd
