@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,28 @@ def test_quick_benchmarks_write_their_sections(tmp_path):
         assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text
     assert "| 1024 | dense |" in text and "ring CP=2" in text
     assert plot.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    rows_path = tmp_path / "lasp.json"
+    res = _run("benchmarks.lasp", "--quick", "--out", str(out), "--json", str(rows_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = out.read_text()
+    assert "kept text" in text
+    assert text.count("<!-- lasp:begin -->") == 1 and "<!-- lasp:end -->" in text
+    rows = json.loads(rows_path.read_text())
+    assert [r for r in rows if r["error"] or r["time_s"] is None] == []
+    sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
+    # CP=4, 8 heads x 64: one fp32 [H, D, D] state is 128 KiB
+    state = 8 * 64 * 64 * 4
+    for n in (512, 1024):
+        # lasp1: one state per chain hop to another rank, forward and backward
+        assert sent[("lasp1", n)] == [2 * state, 4 * state, 4 * state, 2 * state]
+        # lasp2: 2 chunk states all-gathered to 3 ranks, forward and backward
+        assert sent[("lasp2", n)] == [12 * state] * 4
+    assert sent[("ring", 1024)] == [2 * b for b in sent[("ring", 512)]]
+    assert "LASP's bytes flat in length: met" in text
+    assert "equal for every row" in text

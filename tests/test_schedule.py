@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
 import torch
 
 from longtrain.config.schema import RunConfig, StageConfig

@@ -27,6 +27,9 @@ class AttentionMeta:
     doc_ids_bt: Optional[torch.Tensor] = None
     # 1/sqrt(D) when None
     softmax_scale: Optional[float] = None
+    # global index of this rank's first query head (tensor parallelism slices the heads;
+    # head-dependent patterns such as s2's are defined on global heads)
+    head_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,19 @@ def _load_builtin() -> None:
     from longtrain.attention import dense, linear, ring, ulysses  # noqa: F401
 
 
-def attention_names() -> list[str]:
-    """Every `attention.backend`: the softmax backends and the linear-attention methods."""
-    from longtrain.attention.linear import LINEAR_BACKENDS
+# backends built per model (model_attention), not looked up by name
+_CONFIGURED = ("lasp1", "lasp2", "s2")
 
+
+def attention_names() -> list[str]:
+    """Every `attention.backend`: the softmax backends, s2 and the linear-attention methods."""
     _load_builtin()
-    return sorted([*_REGISTRY, *LINEAR_BACKENDS])
+    return sorted([*_REGISTRY, *_CONFIGURED])
 
 
 def supports_cp(name: str) -> bool:
-    from longtrain.attention.linear import LINEAR_BACKENDS
-
     _load_builtin()
-    return name in LINEAR_BACKENDS or _SUPPORTS_CP.get(name, False)
+    return name in _CONFIGURED or _SUPPORTS_CP.get(name, False)
 
 
 def get_attention(name: str) -> AttentionFn:
@@ -88,12 +91,21 @@ def get_attention(name: str) -> AttentionFn:
     return _REGISTRY[name]
 
 
-def model_attention(backend: str, softmax: str = "allgather") -> tuple[AttentionFn, Any]:
-    """(the softmax layers' backend, the linear layers' method or None) for
-    `attention.backend` and, when that is a linear method (lasp1 | lasp2), `attention.softmax`
-    for the softmax layers of a hybrid."""
+def model_attention(attention: Any, model: Any) -> tuple[list[AttentionFn], Any]:
+    """(each layer's softmax attention, the linear layers' method or None) for the
+    `attention` and `model` configs: a linear method (lasp1 | lasp2) takes `attention.softmax`
+    for a hybrid's softmax layers; s2 keeps the layers `attention.s2` names dense (dense, or
+    ring under CP)."""
     from longtrain.attention.linear import LINEAR_BACKENDS, linear_attention
 
+    backend = attention.backend
     if backend in LINEAR_BACKENDS:
-        return get_attention(softmax), linear_attention(backend)
-    return get_attention(backend), None
+        return [get_attention(attention.softmax)] * model.num_layers, linear_attention(backend)
+    if backend == "s2":
+        from longtrain.attention.s2 import (dense_layers, dense_or_ring, make_s2_attention,
+                                            s2_pattern)
+
+        sparse = make_s2_attention(s2_pattern(attention.s2, model.num_heads))
+        return [dense_or_ring if dense else sparse
+                for dense in dense_layers(attention.s2, model.num_layers)], None
+    return [get_attention(backend)] * model.num_layers, None

@@ -17,8 +17,9 @@ lambda^(i+1) q_i S_c for the rows still in the incoming state's document.
 How S reaches each chunk is the SP method, and neither moves anything that grows with T:
 - lasp1: point to point along the chunk chain (the chain visits ranks 0..cp-1, cp-1..0);
   backward passes dS back along the chain.
-- lasp2: one AllGather of every chunk's M (issued before the intra-chunk attention runs, so
-  the two overlap), a local prefix scan; backward is one AllGather of dS and a suffix scan.
+- lasp2: an AllGather of every chunk's M (issued asynchronously as each local chunk's
+  attention finishes, so the first travels while the second computes), a local prefix scan;
+  backward is one AllGather of dS and a suffix scan.
 """
 
 from __future__ import annotations
@@ -91,20 +92,29 @@ def _all_gather_chunks(x_local: torch.Tensor, ctx: AttentionContext, *, what: st
 
 
 class _PendingGather:
-    """An asynchronous all-gather of this rank's chunk states (LASP-2's one collective)."""
+    """LASP-2's AllGather of the chunk states, issued asynchronously chunk by chunk: the first
+    chunk's state travels while the second chunk's attention computes."""
 
-    def __init__(self, x_local: torch.Tensor, ctx: AttentionContext) -> None:
+    def __init__(self, ctx: AttentionContext) -> None:
         self.ctx = ctx
-        self.parts = [torch.empty_like(x_local) for _ in range(ctx.cp_size)]
-        self.work = dist.all_gather(self.parts, x_local.contiguous(), group=ctx.cp_group,
-                                    async_op=True)
+        self.parts: list[list[torch.Tensor]] = []
+        self.works: list[Any] = []
+
+    def add(self, state: torch.Tensor) -> None:
+        parts = [torch.empty_like(state) for _ in range(self.ctx.cp_size)]
+        self.works.append(dist.all_gather(parts, state.contiguous(), group=self.ctx.cp_group,
+                                          async_op=True))
+        self.parts.append(parts)
 
     def wait(self) -> torch.Tensor:
         from longtrain.parallel.watch import collective
 
         with collective("LASP-2 state all-gather", group="context-parallel"):
-            self.work.wait()
-        return _order_gathered(self.parts, self.ctx.cp_size)
+            for work in self.works:
+                work.wait()
+        per_rank = [torch.cat([chunk[r] for chunk in self.parts])
+                    for r in range(self.ctx.cp_size)]
+        return _order_gathered(per_rank, self.ctx.cp_size)
 
 
 def _doc_summary(doc_bt: Optional[torch.Tensor], ctx: AttentionContext, n: int, b: int,
@@ -247,18 +257,6 @@ def _walk_chain(ctx: AttentionContext, *, order: range,
 
 # --------------------------------------------------------------------------- the layer op
 
-def _last_doc_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
-                    doc_bt: Optional[torch.Tensor]) -> torch.Tensor:
-    """M of one chunk [B, H, K, V]: its last document's k^T v, decayed to the chunk's end."""
-    length = k.shape[1]
-    dt = _state_dtype(k)
-    age = torch.arange(length - 1, -1, -1, device=k.device, dtype=dt)
-    w_bsh = torch.exp(age[:, None] * log_decay.to(dt)[None, :]).expand(k.shape[0], -1, -1)
-    if doc_bt is not None:
-        w_bsh = w_bsh * (doc_bt == doc_bt[:, -1:]).to(dt)[:, :, None]
-    return torch.einsum("bshk,bshv->bhkv", k.to(dt) * w_bsh[..., None], v.to(dt))
-
-
 def _inter(q: torch.Tensor, s_bhkv: torch.Tensor, log_decay: torch.Tensor,
            doc_bt: Optional[torch.Tensor], entry_b: torch.Tensor) -> torch.Tensor:
     """lambda^(i+1) q_i S for the rows still in the incoming state's document."""
@@ -281,19 +279,19 @@ def _lasp(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     docs = _split(doc, ctx) if doc is not None else [None, None]
     dt = _state_dtype(q)
     decay_l = torch.exp(log_decay.to(dt) * qs[0].shape[1])
-    if method == "lasp2":
-        # the states first, so their AllGather runs while the intra-chunk attention computes
-        m_local = torch.stack([_last_doc_state(kc, vc, log_decay, dc)
-                               for kc, vc, dc in zip(ks, vs, docs)])
-        pending = _PendingGather(m_local.detach(), ctx)
-        intra = [_lightning(qc, kc, vc, log_decay, dc)[0]
-                 for qc, kc, vc, dc in zip(qs, ks, vs, docs)]
+    pending = _PendingGather(ctx) if method == "lasp2" else None
+    intra, states = [], []
+    for qc, kc, vc, dc in zip(qs, ks, vs, docs):
+        o, m = _lightning(qc, kc, vc, log_decay, dc)
+        intra.append(o)
+        states.append(m.to(dt))
+    m_local = torch.stack(states)
+    if pending is not None:
+        pending.add(m_local.detach())
+    if pending is not None:
         s_local = _Lasp2States.apply(m_local, pending, carry, decay_l, ids, ctx)
     else:
-        results = [_lightning(qc, kc, vc, log_decay, dc) for qc, kc, vc, dc in zip(qs, ks, vs, docs)]
-        intra = [o for o, _ in results]
-        s_local = _Lasp1States.apply(torch.stack([m.to(dt) for _, m in results]), carry, decay_l,
-                                     ids, ctx)
+        s_local = _Lasp1States.apply(m_local, carry, decay_l, ids, ctx)
     outs = [o if c == 0 else o + _inter(qc, s_local[i], log_decay, dc, entry[c])
             for i, (c, o, qc, dc) in enumerate(zip(ids, intra, qs, docs))]
     return torch.cat(outs, dim=1)

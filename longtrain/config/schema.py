@@ -42,13 +42,34 @@ class ModelConfig:
 
 
 @dataclass
+class S2Config:
+    """attention=s2 (S2-Attention): per-head strided context shards, block-sparse."""
+
+    # tokens per block (a power of two >= 16; data.seq_len / (2 * cp) must be a multiple)
+    block_size: int = 64
+    # every head sees the `local_blocks` most recent blocks (its own included) ...
+    local_blocks: int = 4
+    # ... and beyond them every `vert_stride`-th block, at a phase that depends on the head
+    vert_stride: int = 8
+    # the same phase for every head (then only dense heads/layers see the rest)
+    homo_head: bool = False
+    # the last this-many heads of each sparse layer attend densely
+    num_dense_heads: int = 0
+    # dense layers: the first `dense_first`, and every `dense_every`-th (0: none)
+    dense_first: int = 2
+    dense_every: int = 4
+
+
+@dataclass
 class AttentionConfig:
-    # softmax: dense | ring | ulysses | ulysses_ring | allgather (K/V all-gathered over CP);
+    # softmax: dense | ring | ulysses | ulysses_ring | allgather (K/V all-gathered over CP) |
+    # s2 (S2-Attention, block-sparse; attention.s2);
     # linear attention layers: lasp1 (state passed point to point) | lasp2 (one AllGather)
     backend: str = "dense"
     # with backend=lasp1|lasp2, the softmax layers of a hybrid model (model.layer_pattern):
     # allgather (LASP-2H) | ring | dense (cp=1 only)
     softmax: str = "allgather"
+    s2: S2Config = field(default_factory=S2Config)
     # ulysses_ring: size of the all-to-all (head) dimension; the ring spans cp / ulysses_degree.
     # 0 -> ulysses: all of cp; ulysses_ring: 2.
     ulysses_degree: int = 0

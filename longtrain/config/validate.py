@@ -85,6 +85,38 @@ def _linear_problems(cfg: RunConfig) -> list[str]:
     return out
 
 
+def _s2_problems(cfg: RunConfig) -> list[str]:
+    """attention=s2: the pattern's fields, whether its heads cover the whole causal context,
+    and whether the sequence splits into whole blocks per CP chunk."""
+    if cfg.attention.backend != "s2":
+        return []
+    from longtrain.attention.s2 import s2_pattern
+
+    s2 = cfg.attention.s2
+    out = []
+    for name in ("dense_first", "dense_every"):
+        if getattr(s2, name) < 0:
+            out.append(f"attention.s2.{name}={getattr(s2, name)} must be >= 0")
+    pattern = s2_pattern(s2, cfg.model.num_heads)
+    found = pattern.problems()
+    if found:
+        return out + found
+    chunk = cfg.data.seq_len // (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
+    if cfg.data.seq_len % (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1) or \
+            chunk % s2.block_size:
+        unit = s2.block_size * (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
+        out.append(f"data.seq_len={cfg.data.seq_len} must be a multiple of "
+                   f"attention.s2.block_size={s2.block_size}"
+                   + (f" * 2 * parallel.cp={cfg.parallel.cp}" if cfg.parallel.cp > 1 else "")
+                   + f" = {unit} (whole blocks per context-parallel chunk)")
+    elif pattern.uncovered(cfg.data.seq_len // s2.block_size):
+        out.append(f"attention.s2: the heads' vertical phases leave parts of the context unseen "
+                   f"(model.num_heads={cfg.model.num_heads} < vert_stride={s2.vert_stride}"
+                   f"{' with homo_head' if s2.homo_head else ''}, no dense heads); set "
+                   f"attention.s2.num_dense_heads >= 1, a smaller vert_stride, or more heads")
+    return out
+
+
 def _rope_problems(cfg: RunConfig) -> list[str]:
     from longtrain.model.rope import rope_inv_freq
 
@@ -149,6 +181,7 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"attention.backend={backend!r} does not support context parallelism "
                    f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
     out += _linear_problems(cfg)
+    out += _s2_problems(cfg)
     # Always checked: a model problem (say num_heads vs tp) must not hide a bad rope setting.
     out += _rope_problems(cfg)
     out += _data_problems(cfg, dims)

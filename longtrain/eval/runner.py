@@ -152,7 +152,7 @@ def evaluate_rank(cfg: EvalRunConfig, runtime: ParallelRuntime) -> dict[str, Any
     if cfg.checkpoint is None:
         raise ValueError("checkpoint is not set")
     model_cfg, rope = read_model_source(cfg.checkpoint)
-    softmax, linear = model_attention(cfg.attention.backend, cfg.attention.softmax)
+    softmax, linear = model_attention(cfg.attention, model_cfg)
     model = LlamaModel(model_cfg, rope, attention=softmax, linear_attention=linear,
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.precision), device=runtime.device)

@@ -11,6 +11,7 @@ any TP size computes the same function.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,8 +62,6 @@ def apply_layer_pattern(cfg: RunConfig) -> RunConfig:
     """Make the layer kinds explicit in the config a run saves with its checkpoints: with
     attention=lasp1|lasp2 and no pattern every layer is linear ("L"). A model with linear
     layers has no Hugging Face equivalent, so `train.save_hf` is turned off (said once)."""
-    import dataclasses
-
     from longtrain.attention.linear import LINEAR_BACKENDS
 
     if not pattern_problems(cfg.model.layer_pattern) and not cfg.model.layer_pattern \
@@ -180,10 +179,13 @@ def _heads(qkv_btx: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, ...]:
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn) -> None:
+    def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
+                 tp_rank: int = 0) -> None:
         super().__init__()
         self.shape = shape
         self.attention = attention
+        # this rank's first global head (head-dependent patterns: s2)
+        self.head_offset = tp_rank * shape.local_heads
         # Parity canary (attention.check_every): armed for one call by `arm_parity_check`.
         self.parity_tol: Optional[float] = None
         self.parity_armed = False
@@ -200,6 +202,8 @@ class Attention(nn.Module):
         q, k, v_bthd = _heads(self.qkv(x_bth)[0], s)
         q_bthd = apply_rotary(q, cos_btd, sin_btd, scale_bt=q_scale_bt)
         k_bthd = apply_rotary(k, cos_btd, sin_btd)
+        if self.head_offset:
+            meta = dataclasses.replace(meta, head_offset=self.head_offset)
         o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
         if self.parity_armed:
             from longtrain.attention.canary import check_parity
@@ -298,7 +302,8 @@ class DecoderLayer(nn.Module):
                                         linear_attention=linear_attention, tp_rank=tp_rank,
                                         dtype=dtype, device=device)
         else:
-            self.attn = Attention(shape, mp_config=mp_config, attention=attention)
+            self.attn = Attention(shape, mp_config=mp_config, attention=attention,
+                                  tp_rank=tp_rank)
         self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.mlp = MLP(shape, mp_config=mp_config)
 
@@ -336,11 +341,14 @@ class LlamaModel(nn.Module):
             from longtrain.attention.linear import linear_attention as by_name
 
             linear_attention = by_name("lasp2")
+        # one softmax backend for every layer, or one per layer (s2 keeps some layers dense)
+        per_layer = attention if isinstance(attention, (list, tuple)) else \
+            [attention] * cfg.num_layers
         self.layers = nn.ModuleList(
-            DecoderLayer(self.shape, mp_config=mp_config, attention=attention, dtype=dtype,
+            DecoderLayer(self.shape, mp_config=mp_config, attention=fn, dtype=dtype,
                          device=device, kind=kind, linear_attention=linear_attention,
                          tp_rank=tp_rank)
-            for kind in self.layer_kinds
+            for kind, fn in zip(self.layer_kinds, per_layer)
         )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.head = ColumnParallelLinear(

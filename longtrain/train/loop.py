@@ -40,7 +40,7 @@ def param_dtype(precision: str) -> torch.dtype:
 def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True) -> LlamaModel:
     """This rank's model shard with its weights: from `init.from` or seeded (`weights=False`:
     left uninitialized, for a checkpoint to fill)."""
-    softmax, linear = model_attention(cfg.attention.backend, cfg.attention.softmax)
+    softmax, linear = model_attention(cfg.attention, cfg.model)
     model = LlamaModel(cfg.model, cfg.rope, attention=softmax, linear_attention=linear,
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)

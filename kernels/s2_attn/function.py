@@ -1,0 +1,167 @@
+"""Argument checks, backend dispatch and the autograd wrapper of S2-Attention.
+
+Legend: B batch, Tq query rows, Tk keys, Hq query heads, Hkv key/value heads, D head dim.
+Two backends share one autograd.Function: "torch" (blocked.py: any device, float dtypes incl.
+float64) and "triton" (launch.py: fp16/bf16/fp32, D in {16, 32, 64, 128}). Both take and give
+[B, H, T, D] views of the caller's [B, T, H, D] tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from longtrain_kernels.s2_attn import blocked, launch
+from longtrain_kernels.s2_attn.pattern import S2Pattern
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DOC_DTYPES = (torch.int32, torch.int64)
+
+
+def available() -> bool:
+    """True where the Triton kernels can run: triton importable and a CUDA device, or
+    TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Backend(NamedTuple):
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_BACKENDS: dict[str, _Backend] = {
+    "torch": _Backend(blocked.blocked_forward, blocked.blocked_backward),
+    "triton": _Backend(launch.s2_forward, launch.s2_backward),
+}
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
+           head_offset: int, q_start: int, q_doc: Optional[torch.Tensor],
+           k_doc: Optional[torch.Tensor]) -> None:
+    if not isinstance(pattern, S2Pattern):
+        raise ValueError(f"pattern must be an S2Pattern; got {type(pattern).__name__}")
+    problems = pattern.problems()
+    if problems:
+        raise ValueError("pattern: " + "; ".join(problems))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 4-d tensor [B, T, H, D]; got {got}")
+    b, tq, hq, d = q.shape
+    if v.shape != k.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                         f"[B, Tk, Hkv, D] with q's B={b}, D={d}")
+    tk, hkv = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads Hq={hq} must be a multiple of key/value heads Hkv={hkv}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q, k, v dtypes must match and be one of {_FLOAT_DTYPES}; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not 0 <= head_offset <= pattern.num_heads - hq:
+        raise ValueError(f"head_offset={head_offset} with Hq={hq} local heads must lie within "
+                         f"pattern.num_heads={pattern.num_heads}")
+    bs = pattern.block_size
+    for name, value in (("q_start", q_start), ("Tq", tq), ("Tk", tk)):
+        if value < 0 or value % bs != 0:
+            raise ValueError(f"{name}={value} must be a non-negative multiple of "
+                             f"pattern.block_size={bs}")
+    if tk < q_start + tq:
+        raise ValueError(f"Tk={tk} must cover the queries: Tk >= q_start + Tq = {q_start + tq}")
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("q_doc and k_doc must be given together")
+    if q_doc is not None:
+        if tuple(q_doc.shape) != (b, tq) or tuple(k_doc.shape) != (b, tk):
+            raise ValueError(f"q_doc {tuple(q_doc.shape)} / k_doc {tuple(k_doc.shape)} must be "
+                             f"[B, Tq] = {(b, tq)} / [B, Tk] = {(b, tk)}")
+        if q_doc.dtype not in _DOC_DTYPES or k_doc.dtype != q_doc.dtype:
+            raise ValueError(f"q_doc / k_doc must both be int32 or int64; got {q_doc.dtype}, "
+                             f"{k_doc.dtype}")
+
+
+def _resolve(backend: str, q: torch.Tensor) -> str:
+    if backend == "auto":
+        use_triton = q.is_cuda and available() and launch.triton_supports(q)
+        return "triton" if use_triton else "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {['auto', *_BACKENDS]}")
+    if backend == "triton":
+        if not available():
+            raise ValueError("backend='triton' needs triton and a CUDA device (or "
+                             "TRITON_INTERPRET=1)")
+        launch.check_triton_args(q)
+    return backend
+
+
+class S2AttentionFunction(torch.autograd.Function):
+    """Forward keeps (q, k, v, out, lse); backward recomputes probabilities block by block."""
+
+    @staticmethod
+    def forward(ctx: Any, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
+                pattern: S2Pattern, opts: dict[str, Any], backend: str) -> torch.Tensor:
+        out, lse = _BACKENDS[backend].forward(q_bhtd, k_bhtd, v_bhtd, pattern, **opts)
+        ctx.save_for_backward(q_bhtd, k_bhtd, v_bhtd, out, lse)
+        ctx.pattern, ctx.opts, ctx.backend = pattern, opts, backend
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _BACKENDS[ctx.backend].backward(dout, q, k, v, out, lse, ctx.pattern,
+                                                     **ctx.opts)
+        return dq, dk, dv, None, None, None
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
+             head_offset: int, q_start: int, scale: Optional[float],
+             q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+             backend: str) -> tuple[dict[str, Any], str]:
+    _check(q, k, v, pattern, head_offset=head_offset, q_start=q_start, q_doc=q_doc,
+           k_doc=k_doc)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    opts = dict(head_offset=head_offset, q_start=q_start, scale=scale, q_doc=q_doc,
+                k_doc=k_doc)
+    return opts, _resolve(backend, q)
+
+
+def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
+                 head_offset: int = 0, q_start: int = 0, scale: Optional[float] = None,
+                 q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """S2-Attention: per-head block-sparse causal softmax attention. Differentiable in q, k, v.
+
+    q [B, Tq, Hq, D] are the rows at global positions q_start .. q_start + Tq - 1; k, v
+    [B, Tk, Hkv, D] the keys at positions 0 .. Tk - 1 (Tk >= q_start + Tq; q_start, Tq, Tk
+    multiples of pattern.block_size). Local query head h reads kv head h // (Hq // Hkv) and is
+    global head head_offset + h of `pattern` (tensor parallelism slices heads). Query p sees
+    key s iff s <= p, q_doc[p] == k_doc[s] (q_doc [B, Tq], k_doc [B, Tk] int32/int64, both or
+    neither) and pattern.block_allowed(p // bs, s // bs, head_offset + h). `scale` defaults to
+    1/sqrt(D). backend: "auto" (Triton on CUDA when available, else torch), "torch", "triton".
+    Returns out [B, Tq, Hq, D] in q's dtype.
+    """
+    opts, name = _prepare(q, k, v, pattern, head_offset=head_offset, q_start=q_start,
+                          scale=scale, q_doc=q_doc, k_doc=k_doc, backend=backend)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    return t(S2AttentionFunction.apply(t(q), t(k), t(v), pattern, opts, name))
+
+
+def s2_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
+                     head_offset: int = 0, q_start: int = 0, scale: Optional[float] = None,
+                     q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq]) of `s2_attention`, not differentiable.
+
+    lse is the natural-log log-sum-exp of the row's allowed scores: float32, or float64 for
+    float64 inputs.
+    """
+    opts, name = _prepare(q, k, v, pattern, head_offset=head_offset, q_start=q_start,
+                          scale=scale, q_doc=q_doc, k_doc=k_doc, backend=backend)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        out, lse = _BACKENDS[name].forward(t(q), t(k), t(v), pattern, **opts)
+    return t(out), lse

@@ -1,0 +1,229 @@
+"""S2-Attention: heterogeneous per-head context sharding (block-sparse causal attention), on
+one device and under context parallelism.
+
+Legend: B batch, T local tokens, Hq query heads, Hkv key/value heads, D head dim, bs the
+pattern's block size, L a CP chunk's length (the zigzag layout gives rank r chunks r and
+2cp-1-r of the sequence).
+
+Each head attends to a dense window of `local_blocks` recent blocks and, beyond it, to every
+`vert_stride`-th block at a head-dependent phase (`longtrain_kernels.s2_attn.S2Pattern`,
+defined on the *global* head index so every TP layout computes the same function); the union
+over heads covers the whole causal context.
+
+Under CP no ring is needed: which key blocks a rank's queries can ever see is known from the
+pattern, so each rank receives exactly those blocks of the other ranks' K/V, point to point
+(a far chunk contributes only its vertical blocks of this rank's heads, and nothing from
+blocks no local head needs), computes its chunks with the block-sparse kernel against them,
+and returns their K/V gradients to the owners in backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
+from longtrain.parallel.layout import zigzag_chunk_ids
+
+
+def s2_pattern(cfg: Any, num_heads: int):
+    """The kernel's pattern from `attention.s2` and the model's global head count."""
+    from longtrain_kernels.s2_attn import S2Pattern
+
+    return S2Pattern(num_heads=num_heads, block_size=cfg.block_size,
+                     local_blocks=cfg.local_blocks, vert_stride=cfg.vert_stride,
+                     homo_head=cfg.homo_head, num_dense_heads=cfg.num_dense_heads)
+
+
+def dense_layers(cfg: Any, num_layers: int) -> list[bool]:
+    """Which layers of an s2 model stay dense: the first `dense_first`, and every
+    `dense_every`-th (layers dense_every-1, 2*dense_every-1, ...; 0: none)."""
+    return [i < cfg.dense_first or (cfg.dense_every > 0 and (i + 1) % cfg.dense_every == 0)
+            for i in range(num_layers)]
+
+
+# --------------------------------------------------------------------------- the exchange plan
+
+@functools.lru_cache(maxsize=64)
+def _plan(pattern: Any, heads: tuple[int, ...], cp: int, chunk_blocks: int
+          ) -> dict[int, tuple[int, ...]]:
+    """{rank: the global key blocks its queries can see through any of `heads`} (every rank of
+    a CP group holds the same heads)."""
+    need: dict[int, tuple[int, ...]] = {}
+    for r in range(cp):
+        blocks: set[int] = set()
+        for c in zigzag_chunk_ids(cp, r):
+            for i in range(c * chunk_blocks, (c + 1) * chunk_blocks):
+                for g in heads:
+                    blocks.update(pattern.key_blocks(i, g))
+        need[r] = tuple(sorted(blocks))
+    return need
+
+
+def _owner(block: int, *, cp: int, chunk_blocks: int) -> int:
+    c = block // chunk_blocks
+    return c if c < cp else 2 * cp - 1 - c
+
+
+def _local_offset(block: int, rank: int, *, cp: int, chunk_blocks: int) -> int:
+    """Index of global `block` in its owner's local [2L] shard, in blocks."""
+    first, _ = zigzag_chunk_ids(cp, rank)
+    c = block // chunk_blocks
+    return block % chunk_blocks + (0 if c == first else chunk_blocks)
+
+
+class _Exchange:
+    """Who sends which blocks to whom, for one rank: `send[peer]` and `recv[peer]` are lists of
+    (global block, local block offset on the owner)."""
+
+    def __init__(self, pattern: Any, heads: tuple[int, ...], ctx: AttentionContext,
+                 chunk_blocks: int) -> None:
+        cp, rank = ctx.cp_size, ctx.cp_rank
+        need = _plan(pattern, heads, cp, chunk_blocks)
+        owner = functools.partial(_owner, cp=cp, chunk_blocks=chunk_blocks)
+        offset = functools.partial(_local_offset, cp=cp, chunk_blocks=chunk_blocks)
+        self.send = {p: [(b, offset(b, rank)) for b in need[p] if owner(b) == rank]
+                     for p in range(cp) if p != rank}
+        self.recv = {p: [(b, offset(b, p)) for b in need[rank] if owner(b) == p]
+                     for p in range(cp) if p != rank}
+        self.ranks = dist.get_process_group_ranks(ctx.cp_group)
+        self.ctx = ctx
+
+    def blocks_received(self) -> int:
+        return sum(len(v) for v in self.recv.values())
+
+
+def _gather_blocks(x_bthd: torch.Tensor, offsets: list[int], bs: int) -> torch.Tensor:
+    """[B, n * bs, H, D]: the given local blocks of x, in order."""
+    if not offsets:
+        return x_bthd.new_empty((x_bthd.shape[0], 0, *x_bthd.shape[2:]))
+    idx = torch.cat([torch.arange(o * bs, (o + 1) * bs, device=x_bthd.device) for o in offsets])
+    return x_bthd.index_select(1, idx)
+
+
+def _p2p(plan: _Exchange, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor],
+         *, what: str) -> None:
+    from longtrain.parallel.watch import collective
+
+    ops = []
+    for peer, t in outgoing.items():
+        if t.numel():
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), plan.ranks[peer], plan.ctx.cp_group))
+    for peer, t in incoming.items():
+        if t.numel():
+            ops.append(dist.P2POp(dist.irecv, t, plan.ranks[peer], plan.ctx.cp_group))
+    if not ops:
+        return
+    with collective(what, group="context-parallel"):
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+class _GatherNeeded(torch.autograd.Function):
+    """This rank's zigzag K/V shard -> a [B, prefix, Hkv, D] buffer in global order holding
+    every block this rank's queries can see (its own chunks, and the received blocks); other
+    positions are zero and never read. Backward returns the received blocks' gradients to
+    their owners, who add them to their own."""
+
+    @staticmethod
+    def forward(fctx: Any, kv_local: torch.Tensor, plan: _Exchange, bs: int, length: int
+                ) -> torch.Tensor:
+        ctx = plan.ctx
+        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
+        prefix = (second + 1) * length
+        full = kv_local.new_zeros((kv_local.shape[0], prefix, *kv_local.shape[2:]))
+        full[:, first * length:(first + 1) * length] = kv_local[:, :length]
+        full[:, second * length:prefix] = kv_local[:, length:]
+        outgoing = {p: _gather_blocks(kv_local, [o for _, o in blocks], bs)
+                    for p, blocks in plan.send.items()}
+        incoming = {p: kv_local.new_empty((kv_local.shape[0], len(blocks) * bs,
+                                           *kv_local.shape[2:]))
+                    for p, blocks in plan.recv.items()}
+        _p2p(plan, outgoing, incoming, what="S2 needed K/V blocks send/recv")
+        for p, blocks in plan.recv.items():
+            for n, (b, _) in enumerate(blocks):
+                full[:, b * bs:(b + 1) * bs] = incoming[p][:, n * bs:(n + 1) * bs]
+        fctx.plan, fctx.bs, fctx.length = plan, bs, length
+        return full
+
+    @staticmethod
+    def backward(fctx: Any, grad_full: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        plan, bs, length = fctx.plan, fctx.bs, fctx.length
+        ctx = plan.ctx
+        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
+        grad_local = torch.cat([grad_full[:, first * length:(first + 1) * length],
+                                grad_full[:, second * length:(second + 1) * length]], dim=1)
+        grad_local = grad_local.contiguous()
+        # the gradients of the blocks this rank received go back to their owners
+        outgoing = {p: torch.cat([grad_full[:, b * bs:(b + 1) * bs] for b, _ in blocks], dim=1)
+                    if blocks else grad_full.new_empty((grad_full.shape[0], 0,
+                                                        *grad_full.shape[2:]))
+                    for p, blocks in plan.recv.items()}
+        incoming = {p: grad_full.new_empty((grad_full.shape[0], len(blocks) * bs,
+                                            *grad_full.shape[2:]))
+                    for p, blocks in plan.send.items()}
+        _p2p(plan, outgoing, incoming, what="S2 K/V gradient blocks send/recv")
+        for p, blocks in plan.send.items():
+            for n, (_, o) in enumerate(blocks):
+                grad_local[:, o * bs:(o + 1) * bs] += incoming[p][:, n * bs:(n + 1) * bs]
+        return grad_local, None, None, None
+
+
+# --------------------------------------------------------------------------- the backend
+
+def _local_doc_full(doc_bt: torch.Tensor, ctx: AttentionContext, prefix: int) -> torch.Tensor:
+    from longtrain.attention.linear import gather_sequence
+
+    return gather_sequence(doc_bt, ctx, what="S2 document-id all-gather")[:, :prefix]
+
+
+def make_s2_attention(pattern: Any) -> AttentionFn:
+    """`attention=s2` for one pattern (shapes as in attention.base; the rank's first global
+    head is `meta.head_offset`)."""
+
+    def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                     ctx: AttentionContext) -> torch.Tensor:
+        from longtrain_kernels.s2_attn import s2_attention as kernel
+
+        doc = meta.doc_ids_bt
+        common = dict(head_offset=meta.head_offset, scale=meta.softmax_scale)
+        if ctx.cp_size == 1:
+            return kernel(q, k, v, pattern, q_start=0, q_doc=doc, k_doc=doc, **common)
+        bs, length = pattern.block_size, q.shape[1] // 2
+        heads = tuple(range(meta.head_offset, meta.head_offset + q.shape[2]))
+        plan = _Exchange(pattern, heads, ctx, length // bs)
+        k_full = _GatherNeeded.apply(k, plan, bs, length)
+        v_full = _GatherNeeded.apply(v, plan, bs, length)
+        doc_full = None if doc is None else _local_doc_full(doc, ctx, k_full.shape[1])
+        outs = []
+        for n, c in enumerate(zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)):
+            end = (c + 1) * length
+            rows = slice(n * length, (n + 1) * length)
+            outs.append(kernel(q[:, rows], k_full[:, :end], v_full[:, :end], pattern,
+                               q_start=c * length, q_doc=None if doc is None else doc[:, rows],
+                               k_doc=None if doc_full is None else doc_full[:, :end], **common))
+        return torch.cat(outs, dim=1)
+
+    return s2_attention
+
+
+def dense_or_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                  ctx: AttentionContext) -> torch.Tensor:
+    """The dense layers of an s2 model: dense attention, ring attention under CP."""
+    from longtrain.attention.base import get_attention
+
+    return get_attention("dense" if ctx.cp_size == 1 else "ring")(q, k, v, meta, ctx)
+
+
+def s2_needed_fraction(pattern: Any, heads: tuple[int, ...], *, cp: int, chunk_blocks: int
+                       ) -> float:
+    """The fraction of other ranks' K/V blocks a rank receives (1.0 = a full ring's worth),
+    averaged over ranks: what sparsity-aware CP saves in communication."""
+    need = _plan(pattern, heads, cp, chunk_blocks)
+    others = 2 * chunk_blocks * (cp - 1)
+    got = [sum(1 for b in need[r] if _owner(b, cp=cp, chunk_blocks=chunk_blocks) != r)
+           for r in range(cp)]
+    return sum(got) / (len(got) * others) if others else 0.0
