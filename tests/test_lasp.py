@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
+from sp_helpers import doc_ids, rank_slice, rel, with_fields
 
 SEED = 11
 B, T, H, K, V = 2, 48, 4, 8, 6  # T splits into 8 chunks of 6 at CP = 4
@@ -29,11 +30,7 @@ METHODS = ("lasp1", "lasp2")
 
 
 def _doc_ids() -> torch.Tensor:
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for row, starts in enumerate(DOC_STARTS):
-        for i, s in enumerate(starts):
-            doc[row, s:] = i
-    return doc
+    return doc_ids(DOC_STARTS, T)
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -53,21 +50,14 @@ def _reference(x: dict[str, torch.Tensor], docs: bool) -> dict[str, torch.Tensor
     return {"o": o.detach(), "q": q.grad, "k": k.grad, "v": v.grad}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def _check_ops(rt: Any) -> None:
     """On every rank: this rank's heads (TP) and zigzag shard (CP) of each method's output and
     gradients equal the same slices of the reference."""
-    from longtrain.attention.base import AttentionContext, AttentionMeta
+    from longtrain.attention.base import AttentionMeta
     from longtrain.attention.linear import linear_attention
-    from longtrain.parallel.layout import split_for_cp
 
-    d = rt.dims
-    heads = slice(rt.tp_rank * H // d.tp, (rt.tp_rank + 1) * H // d.tp)
-    shard = lambda t: split_for_cp(t, cp_size=d.cp, cp_rank=rt.cp_rank)  # noqa: E731
-    ctx = AttentionContext(cp_group=rt.cp_group, cp_size=d.cp, cp_rank=rt.cp_rank)
+    d, mine = rt.dims, rank_slice(rt)
+    heads, shard, ctx = mine.heads(H), mine.shard, mine.ctx
     x = _inputs()
     for docs in (False, True):
         ref = _reference(x, docs)
@@ -78,7 +68,7 @@ def _check_ops(rt: Any) -> None:
             (o * shard(x["w"][:, :, heads])).sum().backward()
             got = {"o": o, "q": q.grad, "k": k.grad, "v": v.grad}
             for name, value in got.items():
-                err = _rel(value.detach(), shard(ref[name][:, :, heads]))
+                err = rel(value.detach(), shard(ref[name][:, :, heads]))
                 assert err < OP_RTOL, (f"{method} docs={docs} tp={d.tp} cp={d.cp} "
                                        f"rank {rt.rank}: {name} rel err {err:.2e}")
 
@@ -96,7 +86,7 @@ def test_cp1_is_the_recurrence() -> None:
             o = linear_attention(method)(q, k, v, LOG_DECAY, meta, AttentionContext())
             (o * x["w"]).sum().backward()
             for name, value in {"o": o, "q": q.grad, "k": k.grad, "v": v.grad}.items():
-                assert _rel(value.detach(), ref[name]) < OP_RTOL, (method, docs, name)
+                assert rel(value.detach(), ref[name]) < OP_RTOL, (method, docs, name)
 
 
 @pytest.mark.parametrize("world,tp,cp", [(2, 1, 2), (4, 1, 4), (4, 2, 2)],
@@ -212,11 +202,7 @@ def test_bad_hybrid_settings_name_the_fields(change: dict, expected: str) -> Non
     from longtrain.config.schema import RunConfig
     from longtrain.config.validate import problems
 
-    cfg = RunConfig()
-    for dotted, value in change.items():
-        section, name = dotted.split(".")
-        setattr(getattr(cfg, section), name, value)
-    found = problems(cfg)
+    found = problems(with_fields(RunConfig(), change))
     assert any(expected in p for p in found), found
 
 

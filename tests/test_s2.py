@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
+from sp_helpers import doc_ids, rank_slice, rel, with_fields
 
 SEED = 5
 B, T, HQ, HKV, D = 2, 256, 4, 2, 8
@@ -34,11 +35,7 @@ def _pattern(name: str):
 
 
 def _doc_ids() -> torch.Tensor:
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for row, starts in enumerate(DOC_STARTS):
-        for i, s in enumerate(starts):
-            doc[row, s:] = i
-    return doc
+    return doc_ids(DOC_STARTS, T)
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -67,22 +64,14 @@ def _reference(x: dict[str, torch.Tensor], pattern: Any, docs: bool) -> dict[str
     return {"o": o.detach(), "q": q.grad, "k": k.grad, "v": v.grad}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def _check(rt: Any) -> None:
     """Each rank: its heads (TP) and zigzag shard (CP) of the s2 backend's output and
     gradients equal the same slices of the reference."""
-    from longtrain.attention.base import AttentionContext, AttentionMeta
+    from longtrain.attention.base import AttentionMeta
     from longtrain.attention.s2 import make_s2_attention
-    from longtrain.parallel.layout import split_for_cp
 
-    d = rt.dims
-    qh = slice(rt.tp_rank * HQ // d.tp, (rt.tp_rank + 1) * HQ // d.tp)
-    kh = slice(rt.tp_rank * HKV // d.tp, (rt.tp_rank + 1) * HKV // d.tp)
-    shard = lambda t: split_for_cp(t, cp_size=d.cp, cp_rank=rt.cp_rank)  # noqa: E731
-    ctx = AttentionContext(cp_group=rt.cp_group, cp_size=d.cp, cp_rank=rt.cp_rank)
+    d, mine = rt.dims, rank_slice(rt)
+    qh, kh, shard, ctx = mine.heads(HQ), mine.heads(HKV), mine.shard, mine.ctx
     x = _inputs()
     for name in PATTERNS:
         pattern = _pattern(name)
@@ -98,7 +87,7 @@ def _check(rt: Any) -> None:
             (o * shard(x["w"][:, :, qh])).sum().backward()
             got = {"o": (o, qh), "q": (q.grad, qh), "k": (k.grad, kh), "v": (v.grad, kh)}
             for what, (value, heads) in got.items():
-                err = _rel(value.detach(), shard(ref[what][:, :, heads]))
+                err = rel(value.detach(), shard(ref[what][:, :, heads]))
                 assert err < OP_RTOL, (f"{name} docs={docs} tp={d.tp} cp={d.cp} rank "
                                        f"{rt.rank}: {what} rel err {err:.2e}")
 
@@ -187,9 +176,5 @@ def test_bad_s2_settings_name_the_fields(change: dict, expected: str) -> None:
     from longtrain.config.schema import RunConfig
     from longtrain.config.validate import problems
 
-    cfg = RunConfig()
-    for dotted, value in change.items():
-        section, name = dotted.split(".")
-        setattr(getattr(cfg, section), name, value)
-    found = problems(cfg)
+    found = problems(with_fields(RunConfig(), change))
     assert any(expected in p for p in found), found
