@@ -6,6 +6,7 @@ Imports no triton, so the launchers that use it import on machines without it.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,16 @@ def empty(shape: tuple[int, ...], *, like: torch.Tensor, dtype: torch.dtype) -> 
 def head_dim_last(x: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch/time/head strides but need the head dim contiguous."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def doc_args(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], *,
+             like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
+    """(q_doc, k_doc, their batch strides, given) with contiguous time; placeholders if absent."""
+    if q_doc is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
+        return dummy, dummy, 0, 0, False
+    q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
+    return q_doc, k_doc, q_doc.stride(0), k_doc.stride(0), True
 
 
 def dot_precision(dtype: torch.dtype) -> str:

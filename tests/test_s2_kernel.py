@@ -5,7 +5,7 @@ block path in float64 (outputs, lse and every gradient) against `s2_reference` w
 and shown to read only allowed blocks (a schedule counter, and NaN in every key block no
 query may read); the Triton kernels the same way in Triton's CPU interpreter
 (TRITON_INTERPRET=1, set below before anything imports triton) at block 16-32, T <= 128,
-D = 16, with outputs pre-filled with NaN.
+D = 16, with outputs pre-filled with NaN; on a GPU also in bf16 at block 64, D = 64, T = 1024.
 
 Legend: B batch, Tq query rows, Tk keys, Hq / Hkv heads, D head dim; `q_bthd` [B, Tq, Hq, D].
 """
@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from conftest import FP32_RTOL, rel_err, worst  # noqa: E402
+from conftest import BF16_RTOL, FP32_RTOL, rel_err, worst  # noqa: E402
 from longtrain_kernels import _launch_common  # noqa: E402
 from longtrain_kernels.s2_attn import (S2Pattern, s2_attention, s2_attention_lse,  # noqa: E402
                                        s2_reference_lse)
@@ -232,6 +232,22 @@ def test_triton_reads_only_allowed_blocks() -> None:
                       poison=poison)
     bad, err = worst(errors)
     assert err <= FP32_RTOL, f"{bad} rel err {err:.2e} (all: {errors})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("docs", [False, True])
+def test_triton_bf16_on_gpu(docs: bool) -> None:
+    """bf16 at block 64, D 64, T 1024 on a TP head slice with a dense head, against the
+    float64 reference (out, lse and every gradient)."""
+    case: dict[str, Any] = dict(
+        pattern=S2Pattern(16, block_size=64, local_blocks=4, vert_stride=8, num_dense_heads=1),
+        B=1, Tq=1024, Tk=1024, Hq=8, Hkv=2, D=64, head_offset=8)
+    if docs:
+        case["docs"] = [(0, 300), (1, 411), (2, 313)]
+    errors = _compare(case, dtype=torch.bfloat16, backend="triton", seed=3)
+    bad, err = worst(errors)
+    assert err <= BF16_RTOL, f"{bad} rel err {err:.2e} (all: {errors})"
 
 
 def test_bad_arguments_name_the_argument() -> None:

@@ -6,7 +6,8 @@ single-device op; the `naive` functions are the PyTorch reference. Importing thi
 does not import triton.
 """
 
-from longtrain_kernels.flash_attn.function import available, flash_attention
+from longtrain_kernels._function_common import available
+from longtrain_kernels.flash_attn.function import flash_attention
 from longtrain_kernels.flash_attn.launch import flash_block_backward, flash_block_forward
 from longtrain_kernels.flash_attn.naive import (attention_block_naive,
                                                 attention_block_naive_backward)

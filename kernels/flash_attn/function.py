@@ -5,22 +5,12 @@ Legend: B batch, T sequence length, Hq query heads, Hkv key/value heads, D head 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Any, Optional
 
 import torch
 
 from longtrain_kernels.flash_attn.launch import flash_block_backward, flash_block_forward
-
-
-def available() -> bool:
-    """True where the Triton kernels can run: triton importable and a CUDA device, or
-    TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class FlashAttentionFunction(torch.autograd.Function):

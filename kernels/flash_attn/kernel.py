@@ -37,39 +37,56 @@ def _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
 
 
 @triton.jit
+def _key_cols(X, offs_n, stride_xt, Tk, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """[HEAD_DIM, BLOCK_N]: keys (or values) at columns offs_n, transposed; 0 past Tk."""
+    ptrs = X + offs_n[None, :] * stride_xt + tl.arange(0, HEAD_DIM)[:, None]
+    if MASKED:
+        xt = tl.load(ptrs, mask=offs_n[None, :] < Tk, other=0.0)
+    else:
+        xt = tl.load(ptrs)
+    return xt
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt, n0,
+              Tq, Tk, q_offset, k_offset, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with the key tile at columns n0 .. n0 + BLOCK_N."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kt = _key_cols(K, offs_n, stride_kt, Tk, HEAD_DIM, MASKED)
+    s2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED or HAS_DOC:
+        allowed = _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
+                           MASKED, CAUSAL and MASKED, HAS_DOC)
+        s2 = tl.where(allowed, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        # A row with nothing allowed so far keeps m = -inf; shift it by 0 so exp2 gives 0.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_shift = m_new
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s2 - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = V + offs_n[:, None] * stride_vt + tl.arange(0, HEAD_DIM)[None, :]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt,
                n_start, n_end, Tq, Tk, q_offset, k_offset, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kt_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None]
-        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < Tk, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-        s2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED or HAS_DOC:
-            allowed = _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
-                               MASKED, CAUSAL and MASKED, HAS_DOC)
-            s2 = tl.where(allowed, s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            # A row with nothing allowed so far keeps m = -inf; shift it by 0 so exp2 gives 0.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            m_shift = m_new
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s2 - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt,
+                                  stride_vt, n0, Tq, Tk, q_offset, k_offset, qk_scale,
+                                  BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -175,30 +192,34 @@ def flash_bwd_preprocess_kernel(O, DO, LSE, DELTA, LSE2,
 
 
 @triton.jit
+def _dq_tile(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt, n0,
+             Tq, Tk, q_offset, k_offset, qk_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq plus the key tile at columns n0 .. n0 + BLOCK_N's share (before the final scale)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kt = _key_cols(K, offs_n, stride_kt, Tk, HEAD_DIM, MASKED)
+    vt = _key_cols(V, offs_n, stride_vt, Tk, HEAD_DIM, MASKED)
+    s2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    p = tl.exp2(s2 - lse2[:, None])
+    if MASKED or HAS_DOC:
+        allowed = _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
+                           MASKED, CAUSAL and MASKED, HAS_DOC)
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt,
               n_start, n_end, Tq, Tk, q_offset, k_offset, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kt_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None]
-        vt_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < Tk, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_n[None, :] < Tk, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
-        s2 = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s2 - lse2[:, None])
-        if MASKED or HAS_DOC:
-            allowed = _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
-                               MASKED, CAUSAL and MASKED, HAS_DOC)
-            p = tl.where(allowed, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt,
+                      n0, Tq, Tk, q_offset, k_offset, qk_scale,
+                      BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
     return dq
 
 
@@ -285,6 +306,32 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, k_doc, Q, DO, LSE2, DELTA, QDOC, stride_qt
 
 
 @triton.jit
+def _key_tile(K, V, KDOC, QDOC, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+              stride_vh, stride_qdb, stride_kdb, Hkv, Tk,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DOC: tl.constexpr):
+    """(batch, kv head, first key, keys, k and v [BLOCK_N, D] (0 past Tk), the keys' doc ids,
+    QDOC at the batch) of this program's key tile; grid = (key tiles, B * Hkv)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = pid_bh % Hkv
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kt
+                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vt
+                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    if HAS_DOC:
+        k_doc = tl.load(KDOC + b * stride_kdb + offs_n, mask=col_ok, other=-1)
+        QDOC += b * stride_qdb
+    else:
+        k_doc = offs_n
+    return b, hkv, n0, offs_n, k, v, k_doc, QDOC
+
+
+@triton.jit
 def flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, QDOC, KDOC,
                           stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                           stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
@@ -295,24 +342,11 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, QDOC, KDOC,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                           EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dk, dv [B, Tk, Hkv, D] for one key tile of one key/value head, summed over its GROUP."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hkv = pid_bh % Hkv
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    b, hkv, n0, offs_n, k, v, k_doc, QDOC = _key_tile(
+        K, V, KDOC, QDOC, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_qdb, stride_kdb, Hkv, Tk, BLOCK_N, HEAD_DIM, HAS_DOC)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < Tk
-
-    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    if HAS_DOC:
-        k_doc = tl.load(KDOC + b * stride_kdb + offs_n, mask=col_ok, other=-1)
-        QDOC += b * stride_qdb
-    else:
-        k_doc = offs_n
 
     if CAUSAL:
         # First query row that sees any key of the tile, and first that sees all of them.

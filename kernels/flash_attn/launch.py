@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from longtrain_kernels._launch_common import (check_pow2_at_least_16, device_ctx,
+from longtrain_kernels._launch_common import (check_pow2_at_least_16, device_ctx, doc_args,
                                               dot_precision, empty, head_dim_last)
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -61,16 +61,6 @@ def _check(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
                              f"{k_doc.dtype}")
 
 
-def _docs(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], *,
-          like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
-    """(q_doc, k_doc, their batch strides, given) with contiguous time; placeholders if absent."""
-    if q_doc is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
-        return dummy, dummy, 0, 0, False
-    q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
-    return q_doc, k_doc, q_doc.stride(0), k_doc.stride(0), True
-
-
 def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                         causal: bool = False, q_offset: int = 0, k_offset: int = 0,
                         q_doc: Optional[torch.Tensor] = None,
@@ -98,7 +88,7 @@ def flash_block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     lse_bht = empty((b, hq, tq), like=q, dtype=torch.float32)
     if out_bthd.numel() == 0:
         return out_bthd, lse_bht
-    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
+    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = doc_args(q_doc, k_doc, like=q)
     grid = (math.ceil(tq / block_m), b * hq)
     with device_ctx(q):
         kernel.flash_fwd_kernel[grid](
@@ -166,7 +156,7 @@ def flash_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         return dq_bthd.zero_(), dk_bthd.zero_(), dv_bthd.zero_()
     delta_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     lse2_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
-    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
+    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = doc_args(q_doc, k_doc, like=q)
     precision = dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
     with device_ctx(q):

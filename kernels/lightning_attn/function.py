@@ -7,34 +7,17 @@ share one autograd.Function: "torch" (blocked.py, any device and dtype incl. flo
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 
+from longtrain_kernels._function_common import (DOC_DTYPES, FLOAT_DTYPES, Backend,
+                                                available)
 from longtrain_kernels.lightning_attn import blocked, launch
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DOC_DTYPES = (torch.int32, torch.int64)
-
-
-def available() -> bool:
-    """True where the Triton kernels can run: triton importable and a CUDA device, or
-    TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class _Backend(NamedTuple):
-    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-_BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(blocked.blocked_forward, blocked.blocked_backward),
-    "triton": _Backend(launch.lightning_forward, launch.lightning_backward),
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend(blocked.blocked_forward, blocked.blocked_backward),
+    "triton": Backend(launch.lightning_forward, launch.lightning_backward),
 }
 
 
@@ -50,8 +33,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.T
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v {tuple(v.shape)} must be [B, T, H, Dv] with q's B, T, H "
                          f"{tuple(q.shape[:3])}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q, k, v dtypes must match and be one of {_FLOAT_DTYPES}; got "
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q, k, v dtypes must match and be one of {FLOAT_DTYPES}; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     h = q.shape[2]
     if (not isinstance(log_decay, torch.Tensor) or log_decay.shape != (h, )
@@ -64,7 +47,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.T
         raise ValueError(f"log_decay must be <= 0 (decay exp(log_decay) <= 1); got "
                          f"{log_decay.tolist()}")
     if doc_ids is not None:
-        if doc_ids.shape != q.shape[:2] or doc_ids.dtype not in _DOC_DTYPES:
+        if doc_ids.shape != q.shape[:2] or doc_ids.dtype not in DOC_DTYPES:
             raise ValueError(f"doc_ids must be int64/int32 [B, T] = {tuple(q.shape[:2])}; "
                              f"got {tuple(doc_ids.shape)} {doc_ids.dtype}")
     if block_size is not None and block_size < 1:

@@ -8,36 +8,19 @@ float64) and "triton" (launch.py: fp16/bf16/fp32, D in {16, 32, 64, 128}). Both 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 
+from longtrain_kernels._function_common import (DOC_DTYPES, FLOAT_DTYPES, Backend,
+                                                available)
 from longtrain_kernels.s2_attn import blocked, launch
 from longtrain_kernels.s2_attn.pattern import S2Pattern
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DOC_DTYPES = (torch.int32, torch.int64)
-
-
-def available() -> bool:
-    """True where the Triton kernels can run: triton importable and a CUDA device, or
-    TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class _Backend(NamedTuple):
-    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-_BACKENDS: dict[str, _Backend] = {
-    "torch": _Backend(blocked.blocked_forward, blocked.blocked_backward),
-    "triton": _Backend(launch.s2_forward, launch.s2_backward),
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend(blocked.blocked_forward, blocked.blocked_backward),
+    "triton": Backend(launch.s2_forward, launch.s2_backward),
 }
 
 
@@ -60,8 +43,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern
     tk, hkv = k.shape[1], k.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"query heads Hq={hq} must be a multiple of key/value heads Hkv={hkv}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q, k, v dtypes must match and be one of {_FLOAT_DTYPES}; got "
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q, k, v dtypes must match and be one of {FLOAT_DTYPES}; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not 0 <= head_offset <= pattern.num_heads - hq:
         raise ValueError(f"head_offset={head_offset} with Hq={hq} local heads must lie within "
@@ -79,7 +62,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern
         if tuple(q_doc.shape) != (b, tq) or tuple(k_doc.shape) != (b, tk):
             raise ValueError(f"q_doc {tuple(q_doc.shape)} / k_doc {tuple(k_doc.shape)} must be "
                              f"[B, Tq] = {(b, tq)} / [B, Tk] = {(b, tk)}")
-        if q_doc.dtype not in _DOC_DTYPES or k_doc.dtype != q_doc.dtype:
+        if q_doc.dtype not in DOC_DTYPES or k_doc.dtype != q_doc.dtype:
             raise ValueError(f"q_doc / k_doc must both be int32 or int64; got {q_doc.dtype}, "
                              f"{k_doc.dtype}")
 

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from longtrain_kernels._launch_common import device_ctx, dot_precision, empty, head_dim_last
+from longtrain_kernels._launch_common import (device_ctx, doc_args, dot_precision, empty,
+                                              head_dim_last)
 from longtrain_kernels.s2_attn.pattern import S2Pattern
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -44,15 +45,6 @@ def _phases(pattern: S2Pattern, num_q_heads: int, head_offset: int,
     return torch.tensor(phase, dtype=torch.int32, device=device)
 
 
-def _docs(q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor], *,
-          like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, bool]:
-    if q_doc is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
-        return dummy, dummy, 0, 0, False
-    q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
-    return q_doc, k_doc, q_doc.stride(0), k_doc.stride(0), True
-
-
 def _strides(x_bhtd: torch.Tensor) -> tuple[int, int, int]:
     """(batch, time, head) strides of a [B, H, T, D] view."""
     return x_bhtd.stride(0), x_bhtd.stride(2), x_bhtd.stride(1)
@@ -71,19 +63,19 @@ def s2_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
 
     q, k, v = (head_dim_last(x) for x in (q_bhtd, k_bhtd, v_bhtd))
     b, hq, tq, d = q.shape
-    hkv = k.shape[1]
+    hkv, tk = k.shape[1], k.shape[2]
     bs = pattern.block_size
     out_bthd = empty((b, tq, hq, d), like=q, dtype=q.dtype)
     lse_bht = empty((b, hq, tq), like=q, dtype=torch.float32)
     if out_bthd.numel() == 0:
         return out_bthd.transpose(1, 2), lse_bht
     out = out_bthd.transpose(1, 2)
-    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
+    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = doc_args(q_doc, k_doc, like=q)
     with device_ctx(q):
         kernel.s2_fwd_kernel[(tq // bs, b * hq)](
             q, k, v, out, lse_bht, q_doc, k_doc, _phases(pattern, hq, head_offset, q.device),
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_qdb, stride_kdb,
-            hq, tq, q_start // bs, scale * math.log2(math.e),
+            hq, tq, tk, q_start // bs, scale * math.log2(math.e),
             GROUP=hq // hkv, HEAD_DIM=d, BLOCK=bs, LOCAL=pattern.local_blocks,
             VERT=pattern.vert_stride, HAS_DOC=has_doc, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=_warps(bs), num_stages=2)
@@ -116,7 +108,7 @@ def s2_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Ten
     lse = lse_bht.float().contiguous()
     delta_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
     lse2_bht = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
-    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = _docs(q_doc, k_doc, like=q)
+    q_doc, k_doc, stride_qdb, stride_kdb, has_doc = doc_args(q_doc, k_doc, like=q)
     phase = _phases(pattern, hq, head_offset, q.device)
     qk_scale = scale * math.log2(math.e)
     consts = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK=bs, LOCAL=pattern.local_blocks,
@@ -129,10 +121,10 @@ def s2_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Ten
         kernel.s2_bwd_dq_kernel[(tq // bs, b * hq)](
             q, k, v, dout, dq, lse2_bht, delta_bht, q_doc, k_doc, phase,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            stride_qdb, stride_kdb, hq, tq, q_start // bs, scale, qk_scale, **consts)
+            stride_qdb, stride_kdb, hq, tq, tk, q_start // bs, scale, qk_scale, **consts)
         kernel.s2_bwd_dkdv_kernel[(tk // bs, b * hkv)](
             q, k, v, dout, dk, dv, lse2_bht, delta_bht, q_doc, k_doc, phase,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
-            *_strides(dv), stride_qdb, stride_kdb, hkv, tq, q_start // bs, scale, qk_scale,
+            *_strides(dv), stride_qdb, stride_kdb, hkv, tq, tk, q_start // bs, scale, qk_scale,
             **consts)
     return dq, dk, dv
