@@ -98,6 +98,23 @@ def test_s2_equals_the_masked_reference(world: int, tp: int, cp: int) -> None:
     run_distributed(_check, world_size=world, tp=tp, cp=cp)
 
 
+def test_a_partial_last_block_is_padded_at_cp1() -> None:
+    """Lengths that are not whole blocks (eval prompts) give the reference's rows."""
+    from longtrain.attention.base import AttentionContext, AttentionMeta
+    from longtrain.attention.s2 import make_s2_attention
+
+    x = _inputs()
+    pattern = _pattern("strided")
+    ref = _reference(x, pattern, True)
+    n = T - 5
+    q, k, v = (x[name][:, :n].clone().requires_grad_() for name in "qkv")
+    o = make_s2_attention(pattern)(q, k, v, AttentionMeta(doc_ids_bt=_doc_ids()[:, :n]),
+                                   AttentionContext())
+    assert o.shape == (B, n, HQ, D) and rel(o.detach(), ref["o"][:, :n]) < OP_RTOL
+    o.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
 def test_ranks_receive_only_the_blocks_their_heads_see() -> None:
     from longtrain.attention.s2 import s2_needed_fraction
     from longtrain_kernels.s2_attn import S2Pattern

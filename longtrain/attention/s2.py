@@ -190,9 +190,24 @@ def make_s2_attention(pattern: Any) -> AttentionFn:
 
         doc = meta.doc_ids_bt
         common = dict(head_offset=meta.head_offset, scale=meta.softmax_scale)
+        bs = pattern.block_size
         if ctx.cp_size == 1:
-            return kernel(q, k, v, pattern, q_start=0, q_doc=doc, k_doc=doc, **common)
-        bs, length = pattern.block_size, q.shape[1] // 2
+            t = q.shape[1]
+            pad = -t % bs
+            if pad:
+                # a partial last block (e.g. an eval prompt): padded at the end, where causal
+                # attention keeps it from every real row, and cut off again
+                q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+                if doc is not None:
+                    doc = torch.cat([doc, (doc[:, -1:] + 1).expand(-1, pad)], dim=1)
+            out = kernel(q, k, v, pattern, q_start=0, q_doc=doc, k_doc=doc, **common)
+            return out[:, :t]
+        length = q.shape[1] // 2
+        if length % bs:
+            raise ValueError(f"attention=s2 under context parallelism needs whole blocks per "
+                             f"chunk: {q.shape[1]} local tokens make chunks of {length}, not "
+                             f"a multiple of attention.s2.block_size={bs} (use a sequence "
+                             f"length that is a multiple of 2 * cp * {bs})")
         heads = tuple(range(meta.head_offset, meta.head_offset + q.shape[2]))
         plan = _Exchange(pattern, heads, ctx, length // bs)
         k_full = _GatherNeeded.apply(k, plan, bs, length)
