@@ -58,3 +58,41 @@ def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
     assert sent[("ring", 1024)] == [2 * b for b in sent[("ring", 512)]]
     assert "LASP's bytes flat in length: met" in text
     assert "equal for every row" in text
+
+
+@pytest.mark.slow
+def test_quick_s2_benchmark_counts_the_blocks_sent(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    rows_path = tmp_path / "s2.json"
+    res = _run("benchmarks.s2", "--quick", "--out", str(out), "--json", str(rows_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = out.read_text()
+    assert "kept text" in text
+    assert text.count("<!-- s2:begin -->") == 1 and "<!-- s2:end -->" in text
+    rows = json.loads(rows_path.read_text())
+    assert [r for r in rows if r["error"] or r["time_s"] is None] == []
+    sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
+    for n in (1024, 2048):
+        # one chunk's K and V: 2 [T/4, 8 heads, 64] fp32
+        chunk = 2 * n // 4 * 8 * 64 * 4
+        # ring: its K/V shard (2 chunks) forward, again backward, and 2 dK/dV shards
+        assert sent[("ring", n)] == [8 * chunk] * 2
+        # 8 heads cover every vertical phase, so causality alone decides: rank 0 sends chunk 0
+        # and gets chunks 1, 2 (whose gradients it returns); rank 1 the other way round
+        assert sent[("s2 cp2", n)] == [3 * chunk] * 2
+    assert "measured bytes vs plan: equal for every row" in text
+
+    # 2 heads at vert_stride 8 read key blocks 3 and 7 mod 8 beyond their 4-block window: at
+    # T=1024 (4 blocks of 64 per chunk) rank 1 needs blocks 1-3 of rank 0's 8 and rank 0 needs
+    # blocks 7, 9, 10, 11 of rank 1's 8, one [64, 1 head, 64] fp32 K and V block = 32 KiB each
+    rows_path = tmp_path / "s2_sparse.json"
+    res = _run("benchmarks.s2", "--lengths", "1024", "--reps", "1", "--heads", "2",
+               "--kv-heads", "1", "--out", "", "--json", str(rows_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads(rows_path.read_text())
+    assert [r for r in rows if r["error"] or r["time_s"] is None] == []
+    sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
+    assert sent[("s2 cp2", 1024)] == [(3 + 4) * 32 * 1024] * 2
+    assert sent[("ring", 1024)] == [8 * (2 * 256 * 64 * 4)] * 2
+    assert "planned 0.438, measured 0.438" in res.stdout
