@@ -182,6 +182,24 @@ def expected_sent_bytes(method: str, *, length: int, heads: int, head_dim: int, 
     return [h * state for h in hops]
 
 
+def sent_per_rank(sent: float) -> list[int]:
+    """Every rank's count of bytes sent (a collective: every rank calls it)."""
+    per_rank = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, torch.tensor([sent], dtype=torch.float64))
+    return [round(float(x)) for x in per_rank]
+
+
+def time_rotating(steps: dict[str, Callable[[], None]], times: dict[str, list[float]], *,
+                  reps: int) -> None:
+    """Append each method's rep times to `times`, the order rotating every rep: a rep runs
+    measurably faster first in its round than right after another method (allocator / cache
+    state), so each method takes each position equally often."""
+    order = list(steps)
+    for rep in range(reps):
+        for m in order[rep % len(order):] + order[:rep % len(order)]:
+            times[m].append(_timed(steps[m])[0])
+
+
 def _lasp_step(runtime: Any, method: str, qkvd_bthd: list[torch.Tensor], heads: int
                ) -> Callable[[], None]:
     from longtrain.attention.base import AttentionContext, AttentionMeta
@@ -233,16 +251,8 @@ def _measure_length(runtime: Any, length: int, prob: Problem, failed: dict[str, 
                 failed[m] = rows[m].error = why
                 steps.pop(m, None)
                 continue
-            per_rank = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-            dist.all_gather(per_rank, torch.tensor([sent], dtype=torch.float64))
-            rows[m].sent_bytes = [round(float(x)) for x in per_rank]
-        # the order rotates every rep: a rep runs measurably faster first in its round than
-        # right after another method (allocator / cache state), so each method takes each
-        # position equally often
-        order = list(steps)
-        for rep in range(prob.reps):
-            for m in order[rep % len(order):] + order[:rep % len(order)]:
-                times[m].append(_timed(steps[m])[0])
+            rows[m].sent_bytes = sent_per_rank(sent)
+        time_rotating(steps, times, reps=prob.reps)
     for m, row in rows.items():
         if times[m]:
             row.time_s = statistics.median(times[m])

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from benchmarks.attention import (_agreed_error, _fwd_bwd, _pin_mmap_threshold, _reason,
                                   _timed, machine, sent_mib)
-from benchmarks.lasp import _bytes, counting_sends
+from benchmarks.lasp import _bytes, counting_sends, sent_per_rank, time_rotating
 from benchmarks.report import replace_section
 
 CP = 2
@@ -253,17 +253,8 @@ def _timing_pass(runtime: Any, rows: list[Row], prob: Problem, failed: dict[str,
 
             sent = _run_once(steps, m, failed, by_method[m], counted)
             if m in steps and RANKS[m] > 1:
-                per_rank = [torch.zeros(1, dtype=torch.float64)
-                            for _ in range(dist.get_world_size())]
-                dist.all_gather(per_rank, torch.tensor([sent], dtype=torch.float64))
-                by_method[m].sent_bytes = [round(float(x)) for x in per_rank]
-        # the order rotates every rep: a rep runs measurably faster first in its round than
-        # right after another method (allocator / cache state), so each method takes each
-        # position equally often
-        order = list(steps)
-        for rep in range(prob.reps):
-            for m in order[rep % len(order):] + order[:rep % len(order)]:
-                times[m].append(_timed(steps[m])[0])
+                by_method[m].sent_bytes = sent_per_rank(sent)
+        time_rotating(steps, times, reps=prob.reps)
     for m, row in by_method.items():
         if times[m]:
             row.time_s = statistics.median(times[m])

@@ -18,6 +18,13 @@ def doc_ids(starts_per_row: tuple[list[int], ...], length: int) -> torch.Tensor:
     return doc
 
 
+def float64_inputs(seed: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Seeded float64 randn tensors, drawn in the order of `shapes`."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=gen, dtype=torch.float64)
+            for name, shape in shapes.items()}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (`b` the reference)."""
     return float((a - b).abs().max() / b.abs().max())

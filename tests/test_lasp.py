@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
-from sp_helpers import doc_ids, rank_slice, rel, with_fields
+from sp_helpers import doc_ids, float64_inputs, rank_slice, rel, with_fields
 
 SEED = 11
 B, T, H, K, V = 2, 48, 4, 8, 6  # T splits into 8 chunks of 6 at CP = 4
@@ -34,10 +34,8 @@ def _doc_ids() -> torch.Tensor:
 
 
 def _inputs() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(SEED)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    return {"q": rand(B, T, H, K), "k": rand(B, T, H, K), "v": rand(B, T, H, V),
-            "w": rand(B, T, H, V)}
+    return float64_inputs(SEED, {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, H, V),
+                                 "w": (B, T, H, V)})
 
 
 def _reference(x: dict[str, torch.Tensor], docs: bool) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
-from sp_helpers import doc_ids, rank_slice, rel, with_fields
+from sp_helpers import doc_ids, float64_inputs, rank_slice, rel, with_fields
 
 SEED = 5
 B, T, HQ, HKV, D = 2, 256, 4, 2, 8
@@ -39,10 +39,8 @@ def _doc_ids() -> torch.Tensor:
 
 
 def _inputs() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(SEED)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    return {"q": rand(B, T, HQ, D), "k": rand(B, T, HKV, D), "v": rand(B, T, HKV, D),
-            "w": rand(B, T, HQ, D)}
+    return float64_inputs(SEED, {"q": (B, T, HQ, D), "k": (B, T, HKV, D), "v": (B, T, HKV, D),
+                                 "w": (B, T, HQ, D)})
 
 
 def _reference(x: dict[str, torch.Tensor], pattern: Any, docs: bool) -> dict[str, torch.Tensor]:
