@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,7 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from benchmarks.report import replace_section
+from benchmarks.report import command_line, replace_section
 
 CP = 2
 BACKENDS = ("dense", "ring", "ulysses", "torch_cp")
@@ -484,8 +483,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         plot(rows, args.plot, prob)
         print(f"plot: {args.plot}")
     if args.out:
-        command = "python -m benchmarks.attention " + " ".join(
-            sys.argv[1:] if argv is None else argv)
+        command = command_line("benchmarks.attention", argv)
         plot_rel = (os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))
                     if args.plot else None)
         replace_section(args.out, "attention", TITLE,

@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import statistics
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from benchmarks.attention import (Problem, _agreed_error, _fwd_bwd, _reason, _timed, machine,
                                   sent_mib)
-from benchmarks.report import replace_section
+from benchmarks.report import command_line, replace_section
 
 CP = 4
 METHODS = ("lasp1", "lasp2", "ring")
@@ -436,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f)
     if args.out:
-        command = "python -m benchmarks.lasp " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = command_line("benchmarks.lasp", argv)
         replace_section(args.out, "lasp", TITLE,
                         section(rows, prob, cp=args.cp, command=command))
         print(f"section written to {args.out}")

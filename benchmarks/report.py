@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import Optional
 
 
 def replace_section(path: str, key: str, title: str, body: str) -> None:
@@ -20,3 +22,9 @@ def replace_section(path: str, key: str, title: str, body: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def command_line(module: str, argv: Optional[list[str]]) -> str:
+    """How the section was produced: `python -m <module> <args>` (argv None: this process's)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m " + module, *args])

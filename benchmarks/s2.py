@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from benchmarks.attention import (_agreed_error, _fwd_bwd, _pin_mmap_threshold, _reason,
                                   _timed, machine, sent_mib)
 from benchmarks.lasp import _bytes, counting_sends, sent_per_rank, time_rotating
-from benchmarks.report import replace_section
+from benchmarks.report import command_line, replace_section
 
 CP = 2
 METHODS = ("dense", "s2", "ring", "s2 cp2")
@@ -478,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f)
     if args.out:
-        command = "python -m benchmarks.s2 " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = command_line("benchmarks.s2", argv)
         replace_section(args.out, "s2", TITLE, section(rows, prob, command=command))
         print(f"section written to {args.out}")
     return rows

@@ -197,7 +197,7 @@ def test_torch_path_skips_disallowed_blocks() -> None:
         pat = S2Pattern(8, block_size=64, local_blocks=4, vert_stride=8,
                         num_dense_heads=dense_heads)
         chunks = plan(pat, batch=1, num_q_heads=8, head_offset=0, q_block0=0, n_q_blocks=n)
-        tiles = plan_tiles(chunks, batch=1)
+        tiles = plan_tiles(chunks, batch=1, local_blocks=4)
         allowed = int(pat.block_mask(n, n, range(8)).sum())
         dense = 8 * n * (n + 1) // 2
         # A sparse row reads ~4 + i / 8 of its i + 1 causal blocks; padding stays small.

@@ -1,17 +1,23 @@
 """PyTorch block-sparse S2-Attention: forward and hand-written backward, skipping blocks.
 
 Legend: B batch, Tq query rows, Tk keys, H query heads, Hkv key/value heads, D head dim,
-bs the pattern's block size. Per chunk of query blocks and group of heads: n query blocks,
-M key-block slots per query block (the most any row of the chunk needs), G heads.
-`q_bhtd` [B, H, Tq, D], `k_bhtd` [B, Hkv, Tk, D], `lse_bht` [B, H, Tq],
-`s_bgnqmk` [B, G, n, bs, M, bs] (scores of n query blocks against their M gathered key blocks).
+bs the pattern's block size, L local_blocks, nk = Tk / bs key blocks. Per chunk of query
+blocks and group of heads: n query blocks, G heads, u vertical blocks (the most any row of
+the chunk reads; U for the whole call). `q_bhtd` [B, H, Tq, D], `k_bhtd` [B, Hkv, Tk, D], `lse_bht` [B, H, Tq].
 
-Each query block gathers only its allowed key blocks (the local window and the head's
-vertical blocks, or every causal block for a dense head) and runs one softmax over them, so a
-sparse head costs O(T * (local_blocks * bs + T / vert_stride)) time and, per chunk, that much
-memory; nothing [T, T]-sized exists. Dense and sparse heads are separate groups so a sparse
-head is never padded to a dense head's slot count. The backward recomputes the probabilities
-from the saved out and lse (flash style) and scatter-adds dk / dv into the gathered blocks.
+What query block i of a head reads splits into two parts:
+- the local window, blocks i-L+1 .. i: gathered per chunk, one [bs, L*bs] score tile per query
+  block, the causal triangle on its last slot;
+- the vertical blocks before the window, j = r, r + s, r + 2s, ... < i-L+1 for the head's phase
+  r and stride s: gathered once per call into a compact [U*bs, D] operand per head, of which
+  every query block of a chunk reads a prefix, so a chunk's vertical scores are one plain
+  [n*bs, u*bs] matmul per head (slots past a row's own prefix are masked) and no vertical block
+  is copied per query block.
+A dense head is the same schedule with s = 1 and r = 0 (every block before the window).
+Both parts share one softmax (joint max and sum); nothing [T, T]-sized exists, and a sparse
+head costs O(T * (L * bs + T / vert_stride)). The backward recomputes the probabilities from
+the saved out and lse (flash style); window gradients are scattered into the key blocks per
+chunk, vertical ones gathered in the compact operand and folded in once at the end.
 `plan` is the exact schedule both directions run; `plan_tiles` counts its block products.
 No autograd here (see function.py).
 """
@@ -25,21 +31,29 @@ import torch
 
 from longtrain_kernels.s2_attn.pattern import S2Pattern
 
-# Elements of one chunk's score tensor: bounds the transient memory of both directions.
+# Elements of one chunk's score tensors: bounds the transient memory of both directions.
 _CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_BLOCKS = 8
 
 
 class Chunk(NamedTuple):
-    """One step of the schedule: local heads `heads` [G] x local query blocks [q0, q1)."""
+    """Local query blocks [q0, q1) of a group; row q reads the first `counts[q - q0]` of the
+    group's vertical blocks, and the chunk computes the first `u` (= max(counts))."""
 
-    heads: torch.Tensor
     q0: int
     q1: int
-    # [G, n, M] key block of each slot; padding slots repeat the diagonal block (always
-    # allowed, so padding never reads a block the head may not see) and are masked.
-    idx: torch.Tensor
-    valid: torch.Tensor
+    counts: torch.Tensor
+    u: int
+
+
+class Group(NamedTuple):
+    """Local heads sharing a vertical stride (dense heads: 1), with their phases."""
+
+    heads: torch.Tensor  # [G] local query heads
+    stride: int
+    phase: torch.Tensor  # [G] r: vertical blocks are r, r + stride, ...
+    n_vertical: int  # compact vertical blocks the last query block reads (the operand size)
+    chunks: tuple[Chunk, ...]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,93 +61,193 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _vertical_counts(blocks: torch.Tensor, *, local: int, stride: int, phase: int
+                     ) -> torch.Tensor:
+    """How many of j = phase, phase + stride, ... lie before each query block's window."""
+    lo = (blocks - local + 1).clamp(min=0)
+    return ((lo - phase + stride - 1) // stride).clamp(min=0)
+
+
 @functools.lru_cache(maxsize=64)
 def plan(pattern: S2Pattern, *, batch: int, num_q_heads: int, head_offset: int,
-         q_block0: int, n_q_blocks: int) -> tuple[Chunk, ...]:
-    """Chunks covering every (local head, local query block), each listing only allowed blocks."""
-    chunks: list[Chunk] = []
-    bs = pattern.block_size
-    local = range(num_q_heads)
-    groups = ([h for h in local if pattern.is_dense_head(head_offset + h)],
-              [h for h in local if not pattern.is_dense_head(head_offset + h)])
-    for heads in groups:
-        if not heads:
+         q_block0: int, n_q_blocks: int) -> tuple[Group, ...]:
+    """Groups of local heads, each with chunks of query blocks covering all of them."""
+    bs, local = pattern.block_size, pattern.local_blocks
+    blocks = q_block0 + torch.arange(n_q_blocks)
+    heads = range(num_q_heads)
+    dense = [h for h in heads if pattern.is_dense_head(head_offset + h)]
+    sparse = [h for h in heads if not pattern.is_dense_head(head_offset + h)]
+    out: list[Group] = []
+    for members, stride in ((dense, 1), (sparse, pattern.vert_stride)):
+        if not members:
             continue
-        last = q_block0 + n_q_blocks - 1
-        most = max(len(pattern.key_blocks(last, head_offset + h)) for h in heads)
-        per_block = batch * len(heads) * bs * bs * most
-        # Rows of a chunk are padded to its longest row: a dense row gains a block per query
-        # block, a sparse row one per vert_stride, so short chunks keep the padding small.
-        cap = max(_MIN_CHUNK_BLOCKS, pattern.vert_stride)
+        phases = [0 if stride == 1 else pattern.vertical_phase(head_offset + h) for h in members]
+        # Heads of one group differ in phase by less than a stride: their counts differ by at
+        # most one, so the group's rows use the smallest phase's (largest) counts.
+        counts = _vertical_counts(blocks, local=local, stride=stride, phase=min(phases))
+        per_block = batch * len(members) * bs * bs * (int(counts[-1]) + local)
+        # Rows of a chunk are padded to its longest vertical prefix, which grows a block per
+        # `stride` query blocks, so short chunks keep the padding small.
+        cap = max(_MIN_CHUNK_BLOCKS, stride)
         n = max(1, min(cap, _CHUNK_ELEMENTS // per_block, n_q_blocks))
-        for q0 in range(0, n_q_blocks, n):
-            q1 = min(q0 + n, n_q_blocks)
-            chunks.append(_chunk(pattern, heads, head_offset, q_block0, q0, q1))
-    return tuple(chunks)
+        chunks = tuple(Chunk(q0, min(q0 + n, n_q_blocks), counts[q0:q0 + n],
+                             int(counts[q0:q0 + n].max())) for q0 in range(0, n_q_blocks, n))
+        out.append(Group(torch.tensor(members), stride, torch.tensor(phases), int(counts[-1]),
+                         chunks))
+    return tuple(out)
 
 
-def _chunk(pattern: S2Pattern, heads: list[int], head_offset: int, q_block0: int, q0: int,
-           q1: int) -> Chunk:
-    n_k = q_block0 + q1
-    mask_gnk = pattern.block_mask(q1 - q0, n_k, [head_offset + h for h in heads],
-                                  q_block_offset=q_block0 + q0)
-    count_gn = mask_gnk.sum(-1)
-    slots = int(count_gn.max())
-    # Stable sort of "not allowed" puts the allowed blocks first, in ascending order.
-    order = torch.sort((~mask_gnk).to(torch.int8), dim=-1, stable=True).indices[..., :slots]
-    valid = torch.arange(slots) < count_gn[..., None]
-    diag = (q_block0 + torch.arange(q0, q1)).view(1, -1, 1)
-    idx = torch.where(valid, order, diag)
-    return Chunk(torch.tensor(heads), q0, q1, idx, valid)
-
-
-def plan_tiles(chunks: tuple[Chunk, ...], *, batch: int) -> int:
+def plan_tiles(groups: tuple[Group, ...], *, batch: int, local_blocks: int) -> int:
     """(batch, head, query block, key block) products the schedule computes, padding included."""
-    return sum(batch * c.idx.numel() for c in chunks)
+    return sum(batch * len(g.heads) * (c.q1 - c.q0) * (c.u + local_blocks)
+               for g in groups for c in g.chunks)
 
 
-class _Gathered(NamedTuple):
-    q_bgnqd: torch.Tensor
-    k_bgnmkd: torch.Tensor
-    v_bgnmkd: torch.Tensor
-    allowed: torch.Tensor
-    kv_heads: torch.Tensor
+class _Operands(NamedTuple):
+    """A group's key-side operands, built once per call."""
+
+    kv_heads: torch.Tensor  # [G]
+    vertical_blocks: torch.Tensor  # [G, U] global key block of each compact slot
+    k_vert: torch.Tensor  # [B*G, U*bs, D]
+    v_vert: torch.Tensor
+    doc_vert: Optional[torch.Tensor]  # [B, G, U, bs]
 
 
-def _gather(c: Chunk, q_bhtd: torch.Tensor, k_bhjkd: torch.Tensor, v_bhjkd: torch.Tensor,
-            bs: int, q_block0: int, q_doc: Optional[torch.Tensor],
-            k_doc_bjk: Optional[torch.Tensor]) -> _Gathered:
-    b, h, _, d = q_bhtd.shape
-    kv_heads = c.heads // (h // k_bhjkd.shape[1])
-    n = c.q1 - c.q0
-    dt = acc_dtype(q_bhtd.dtype)
-    q_bgnqd = q_bhtd[:, c.heads, c.q0 * bs:c.q1 * bs].to(dt).reshape(b, -1, n, bs, d)
-    k_bgnmkd = k_bhjkd[:, kv_heads.view(-1, 1, 1), c.idx].to(dt)
-    v_bgnmkd = v_bhjkd[:, kv_heads.view(-1, 1, 1), c.idx].to(dt)
-    # Only the diagonal slot needs the causal rule: other allowed blocks lie wholly before.
-    q_pos_nq = (q_block0 + torch.arange(c.q0, c.q1)).view(-1, 1) * bs + torch.arange(bs)
-    k_pos_gnmk = c.idx[..., None] * bs + torch.arange(bs)
-    allowed = (k_pos_gnmk[:, :, None] <= q_pos_nq[None, :, :, None, None])
-    allowed = (allowed & c.valid[:, :, None, :, None])[None].to(q_bhtd.device)
+def _group_operands(g: Group, call: "_Call", num_q_heads: int) -> _Operands:
+    k_bhjkd, v_bhjkd, k_doc_bjk = call.k_bhjkd, call.v_bhjkd, call.k_doc_bjk
+    dev, dt = k_bhjkd.device, call.qs_bhtd.dtype
+    kv_heads = (g.heads // (num_q_heads // k_bhjkd.shape[1])).to(dev)
+    u = torch.arange(g.n_vertical)
+    vertical = (g.phase.view(-1, 1) + g.stride * u).clamp(max=k_bhjkd.shape[2] - 1).to(dev)
+    d = k_bhjkd.shape[-1]
+    rows = k_bhjkd.shape[0] * len(g.heads)
+    k_vert = k_bhjkd[:, kv_heads.view(-1, 1), vertical].to(dt).view(rows, -1, d)
+    v_vert = v_bhjkd[:, kv_heads.view(-1, 1), vertical].to(dt).view(rows, -1, d)
+    doc_vert = None if k_doc_bjk is None else k_doc_bjk[:, vertical]
+    return _Operands(kv_heads, vertical, k_vert, v_vert, doc_vert)
+
+
+class _Scores(NamedTuple):
+    vert: Optional[torch.Tensor]  # [B*G, n*bs, u*bs] (None when no row reads one)
+    win: torch.Tensor  # [B*G*n, bs, L*bs]
+    k_vert: Optional[torch.Tensor]  # [B*G, u*bs, D]
+    v_vert: Optional[torch.Tensor]
+    k_win: torch.Tensor  # [B*G*n, L*bs, D]
+    v_win: torch.Tensor
+    win_blocks: torch.Tensor  # [n, L] key block of each window slot (padding clamped to 0)
+
+
+def _scores(g: Group, c: Chunk, ops: _Operands, call: "_Call", bs: int, local: int,
+            q_block0: int, q_doc: Optional[torch.Tensor]) -> _Scores:
+    """Both parts' masked scores for one chunk: the callers exponentiate them in place."""
+    qs_bhtd = call.qs_bhtd
+    b, _, _, d = qs_bhtd.shape
+    dev, dt = qs_bhtd.device, qs_bhtd.dtype
+    n, n_heads = c.q1 - c.q0, len(g.heads)
+    rows = slice(c.q0 * bs, c.q1 * bs)
+    neg = float("-inf")
+    q = qs_bhtd[:, g.heads.to(dev), rows]  # [B, G, n*bs, D]
+    i0 = q_block0 + c.q0
+    # Window slot l of query block i is key block i-L+1+l; slots before block 0 (only in the
+    # first L-1 query blocks) read block 0 and are masked.
+    win_blocks = (i0 + torch.arange(n, device=dev)).view(-1, 1) - local + 1 + torch.arange(
+        local, device=dev)
+    padding = win_blocks < 0
+    win_blocks = win_blocks.clamp(min=0)
+    heads = ops.kv_heads.view(-1, 1, 1)
+    k_win = call.k_bhjkd[:, heads, win_blocks].to(dt).view(-1, local * bs, d)
+    v_win = call.v_bhjkd[:, heads, win_blocks].to(dt).view(-1, local * bs, d)
+    win = torch.bmm(q.reshape(-1, bs, d), k_win.transpose(1, 2)).view(b, n_heads, n, bs,
+                                                                       local, bs)
+    # The last window slot is the diagonal block: the causal triangle.
+    upper = torch.ones(bs, bs, dtype=torch.bool, device=dev).triu(1)
+    win.select(4, local - 1).masked_fill_(upper, neg)
+    if bool(padding.any()):
+        win.masked_fill_(padding.view(1, 1, n, 1, local, 1), neg)
+    vert = k_vert = v_vert = None
+    if c.u:
+        k_vert = ops.k_vert[:, :c.u * bs]
+        v_vert = ops.v_vert[:, :c.u * bs]
+        vert = torch.bmm(q.reshape(-1, n * bs, d), k_vert.transpose(1, 2))
+        # Rows read a prefix of the compact blocks: only slots from the chunk's smallest count
+        # on are masked anywhere (smaller phases read one more block than larger ones).
+        counts = _head_counts(g, c, q_block0, local)
+        first = int(counts.min())
+        if first < c.u:
+            past = torch.arange(first, c.u).view(1, 1, -1) >= counts.view(n_heads, n, 1)
+            tail = vert.view(b, n_heads, n, bs, c.u, bs)[:, :, :, :, first:]
+            tail.masked_fill_(past.to(dev).view(1, n_heads, n, 1, -1, 1), neg)
     if q_doc is not None:
-        q_doc_bnq = q_doc[:, c.q0 * bs:c.q1 * bs].reshape(b, 1, n, bs, 1, 1)
-        k_doc_bgnmk = k_doc_bjk[:, c.idx]
-        allowed = allowed & (q_doc_bnq == k_doc_bgnmk[:, :, :, None])
-    return _Gathered(q_bgnqd, k_bgnmkd, v_bgnmkd, allowed, kv_heads)
+        q_doc_bnq = q_doc[:, rows].reshape(b, 1, n, bs, 1, 1)
+        other = q_doc_bnq != call.k_doc_bjk[:, win_blocks].reshape(b, 1, n, 1, local, bs)
+        win.masked_fill_(other.expand(-1, n_heads, -1, -1, -1, -1).reshape(win.shape), neg)
+        if vert is not None:
+            doc_v = ops.doc_vert[:, :, :c.u].reshape(b, n_heads, 1, 1, c.u * bs)
+            other = q_doc[:, rows].reshape(b, 1, n, bs, 1) != doc_v
+            vert.masked_fill_(other.reshape(vert.shape), neg)
+    return _Scores(vert, win.view(-1, bs, local * bs), k_vert, v_vert, k_win, v_win, win_blocks)
 
 
-def _blocks(k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, k_doc: Optional[torch.Tensor],
-            bs: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """k, v as [B, Hkv, Tk / bs, bs, D] and k_doc as [B, Tk / bs, bs] (one copy per call)."""
-    b, hkv, tk, d = k_bhtd.shape
+def _head_counts(g: Group, c: Chunk, q_block0: int, local: int) -> torch.Tensor:
+    """[G, n] vertical blocks each head's rows read."""
+    blocks = q_block0 + torch.arange(c.q0, c.q1)
+    return torch.stack([_vertical_counts(blocks, local=local, stride=g.stride, phase=int(r))
+                        for r in g.phase])
+
+
+def _softmax_stats(s: _Scores, n_rows: int, bs: int) -> torch.Tensor:
+    """Row max over both parts [B*G*n, bs, 1]."""
+    m = s.win.amax(-1, keepdim=True)
+    if s.vert is not None:
+        m = torch.maximum(m, s.vert.view(n_rows, bs, -1).amax(-1, keepdim=True))
+    return m
+
+
+def _exp_(s: _Scores, sub: torch.Tensor, n_rows: int, bs: int) -> None:
+    """Both score parts <- exp(score - sub) in place (sub [B*G*n, bs, 1])."""
+    s.win.sub_(sub).exp_()
+    if s.vert is not None:
+        s.vert.view(n_rows, bs, -1).sub_(sub).exp_()
+
+
+def _rows(x_bht_: torch.Tensor, heads: torch.Tensor, c: Chunk, bs: int) -> torch.Tensor:
+    """The chunk's rows of a [B, H, T, ...] tensor for `heads`, as [B*G*n, bs, ...]."""
+    return x_bht_[:, heads.to(x_bht_.device), c.q0 * bs:c.q1 * bs].reshape(
+        -1, bs, *x_bht_.shape[3:])
+
+
+def _put_rows(dst_bht_: torch.Tensor, heads: torch.Tensor, c: Chunk, bs: int,
+              x: torch.Tensor) -> None:
+    b, _, _, *rest = dst_bht_.shape
+    dst_bht_[:, heads.to(dst_bht_.device), c.q0 * bs:c.q1 * bs] = x.reshape(
+        b, len(heads), -1, *rest).to(dst_bht_.dtype)
+
+
+class _Call(NamedTuple):
+    qs_bhtd: torch.Tensor
+    k_bhjkd: torch.Tensor
+    v_bhjkd: torch.Tensor
+    k_doc_bjk: Optional[torch.Tensor]
+    groups: tuple[Group, ...]
+
+
+def _prepare_call(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
+                  pattern: S2Pattern, k_doc: Optional[torch.Tensor], *, head_offset: int,
+                  q_start: int, scale: float) -> _Call:
+    """Scaled q in the compute dtype and k, v as [B, Hkv, nk, bs, D] blocks, all contiguous (the
+    callers pass transposed [B, T, H, D] storage: gathering from that layout costs more than a
+    copy)."""
+    b, h, tq, d = q_bhtd.shape
+    _, hkv, tk, _ = k_bhtd.shape
+    bs = pattern.block_size
+    qs_bhtd = torch.empty(q_bhtd.shape, dtype=acc_dtype(q_bhtd.dtype), device=q_bhtd.device)
+    torch.mul(q_bhtd, scale, out=qs_bhtd)
+    k_bhjkd = k_bhtd.contiguous().view(b, hkv, tk // bs, bs, d)
+    v_bhjkd = v_bhtd.contiguous().view(b, hkv, tk // bs, bs, d)
     k_doc_bjk = None if k_doc is None else k_doc.reshape(b, tk // bs, bs)
-    return (k_bhtd.reshape(b, hkv, tk // bs, bs, d), v_bhtd.reshape(b, hkv, tk // bs, bs, d),
-            k_doc_bjk)
-
-
-def _scores(g: _Gathered, scale: float) -> torch.Tensor:
-    s_bgnqmk = torch.einsum("bgnqd,bgnmkd->bgnqmk", g.q_bgnqd, g.k_bgnmkd) * scale
-    return s_bgnqmk.masked_fill(~g.allowed, float("-inf"))
+    groups = plan(pattern, batch=b, num_q_heads=h, head_offset=head_offset,
+                  q_block0=q_start // bs, n_q_blocks=tq // bs)
+    return _Call(qs_bhtd, k_bhjkd, v_bhjkd, k_doc_bjk, groups)
 
 
 def blocked_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
@@ -142,23 +256,25 @@ def blocked_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Te
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Tq, D] input dtype, lse [B, H, Tq] float32 / float64 for float64)."""
     b, h, tq, d = q_bhtd.shape
-    bs, q_block0 = pattern.block_size, q_start // pattern.block_size
-    dt = acc_dtype(q_bhtd.dtype)
-    out_bhtd = torch.empty_like(q_bhtd)
-    lse_bht = torch.empty(b, h, tq, dtype=dt, device=q_bhtd.device)
-    chunks = plan(pattern, batch=b, num_q_heads=h, head_offset=head_offset, q_block0=q_block0,
-                  n_q_blocks=tq // bs)
-    k_bhjkd, v_bhjkd, k_doc_bjk = _blocks(k_bhtd, v_bhtd, k_doc, bs)
-    for c in chunks:
-        g = _gather(c, q_bhtd, k_bhjkd, v_bhjkd, bs, q_block0, q_doc, k_doc_bjk)
-        s = _scores(g, scale)
-        lse_bgnq = torch.logsumexp(s.flatten(-2), dim=-1)
-        p = torch.exp(s - lse_bgnq[..., None, None])
-        o_bgnqd = torch.einsum("bgnqmk,bgnmkd->bgnqd", p, g.v_bgnmkd)
-        rows = slice(c.q0 * bs, c.q1 * bs)
-        out_bhtd[:, c.heads, rows] = o_bgnqd.reshape(b, -1, (c.q1 - c.q0) * bs, d).to(
-            q_bhtd.dtype)
-        lse_bht[:, c.heads, rows] = lse_bgnq.reshape(b, -1, (c.q1 - c.q0) * bs)
+    bs, local, q_block0 = pattern.block_size, pattern.local_blocks, q_start // pattern.block_size
+    call = _prepare_call(q_bhtd, k_bhtd, v_bhtd, pattern, k_doc, head_offset=head_offset,
+                         q_start=q_start, scale=scale)
+    out_bhtd = torch.empty(b, h, tq, d, dtype=q_bhtd.dtype, device=q_bhtd.device)
+    lse_bht = torch.empty(b, h, tq, dtype=call.qs_bhtd.dtype, device=q_bhtd.device)
+    for g in call.groups:
+        ops = _group_operands(g, call, h)
+        for c in g.chunks:
+            s = _scores(g, c, ops, call, bs, local, q_block0, q_doc)
+            n_rows = s.win.shape[0]
+            m = _softmax_stats(s, n_rows, bs)
+            _exp_(s, m, n_rows, bs)
+            z = s.win.sum(-1, keepdim=True)
+            o = torch.bmm(s.win, s.v_win)
+            if s.vert is not None:
+                z += s.vert.view(n_rows, bs, -1).sum(-1, keepdim=True)
+                o += torch.bmm(s.vert, s.v_vert).view(n_rows, bs, d)
+            _put_rows(out_bhtd, g.heads, c, bs, o.div_(z))
+            _put_rows(lse_bht[..., None], g.heads, c, bs, m.add_(z.log_()))
     return out_bhtd, lse_bht
 
 
@@ -170,32 +286,56 @@ def blocked_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torc
     """(dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D]) in the inputs' dtypes, from out and lse."""
     b, h, tq, d = q_bhtd.shape
     hkv, tk = k_bhtd.shape[1], k_bhtd.shape[2]
-    bs, q_block0 = pattern.block_size, q_start // pattern.block_size
-    dt = acc_dtype(q_bhtd.dtype)
-    delta_bht = (dout_bhtd.to(dt) * out_bhtd.to(dt)).sum(-1)
-    dq_bhtd = torch.empty(b, h, tq, d, dtype=dt, device=q_bhtd.device)
-    # Key blocks flattened over (kv head, block) so a chunk's slots scatter with one index_add_.
-    dk_bjkd = torch.zeros(b, hkv * (tk // bs), bs, d, dtype=dt, device=q_bhtd.device)
+    bs, local, q_block0 = pattern.block_size, pattern.local_blocks, q_start // pattern.block_size
+    nk = tk // bs
+    call = _prepare_call(q_bhtd, k_bhtd, v_bhtd, pattern, k_doc, head_offset=head_offset,
+                         q_start=q_start, scale=scale)
+    dt, dev = call.qs_bhtd.dtype, q_bhtd.device
+    do_bhtd = dout_bhtd.to(dt).contiguous()
+    delta_bht1 = (do_bhtd * out_bhtd.to(dt)).sum(-1, keepdim=True)
+    lse_bht1 = lse_bht.to(dt)[..., None]
+    dq_bhtd = torch.empty(b, h, tq, d, dtype=dt, device=dev)
+    # Key blocks flattened over (kv head, block): each group's parts fold in with index_add_.
+    dk_bjkd = torch.zeros(b, hkv * nk, bs, d, dtype=dt, device=dev)
     dv_bjkd = torch.zeros_like(dk_bjkd)
-    chunks = plan(pattern, batch=b, num_q_heads=h, head_offset=head_offset, q_block0=q_block0,
-                  n_q_blocks=tq // bs)
-    k_bhjkd, v_bhjkd, k_doc_bjk = _blocks(k_bhtd, v_bhtd, k_doc, bs)
-    for c in chunks:
-        g = _gather(c, q_bhtd, k_bhjkd, v_bhjkd, bs, q_block0, q_doc, k_doc_bjk)
-        n, rows = c.q1 - c.q0, slice(c.q0 * bs, c.q1 * bs)
-        lse_bgnq = lse_bht[:, c.heads, rows].to(dt).reshape(b, -1, n, bs)
-        delta_bgnq = delta_bht[:, c.heads, rows].reshape(b, -1, n, bs)
-        do_bgnqd = dout_bhtd[:, c.heads, rows].to(dt).reshape(b, -1, n, bs, d)
-        p = torch.exp(_scores(g, scale) - lse_bgnq[..., None, None])
-        dp = torch.einsum("bgnqd,bgnmkd->bgnqmk", do_bgnqd, g.v_bgnmkd)
-        ds = p * (dp - delta_bgnq[..., None, None])
-        dq = torch.einsum("bgnqmk,bgnmkd->bgnqd", ds, g.k_bgnmkd) * scale
-        dq_bhtd[:, c.heads, rows] = dq.reshape(b, -1, n * bs, d)
-        dk = torch.einsum("bgnqmk,bgnqd->bgnmkd", ds, g.q_bgnqd) * scale
-        dv = torch.einsum("bgnqmk,bgnqd->bgnmkd", p, do_bgnqd)
-        slot = (g.kv_heads.view(-1, 1, 1) * (tk // bs) + c.idx).reshape(-1).to(q_bhtd.device)
-        dk_bjkd.index_add_(1, slot, dk.reshape(b, -1, bs, d))
-        dv_bjkd.index_add_(1, slot, dv.reshape(b, -1, bs, d))
+    for g in call.groups:
+        ops = _group_operands(g, call, h)
+        n_heads = len(g.heads)
+        # dk / dv of the group's compact vertical blocks [B, G, U, bs, D]
+        dk_vert = torch.zeros(b, n_heads, g.n_vertical, bs, d, dtype=dt, device=dev)
+        dv_vert = torch.zeros_like(dk_vert)
+        for c in g.chunks:
+            s = _scores(g, c, ops, call, bs, local, q_block0, q_doc)
+            n_rows, n = s.win.shape[0], c.q1 - c.q0
+            _exp_(s, _rows(lse_bht1, g.heads, c, bs), n_rows, bs)  # now probabilities
+            do = _rows(do_bhtd, g.heads, c, bs)  # [B*G*n, bs, D]
+            delta = _rows(delta_bht1, g.heads, c, bs)
+            qs = _rows(call.qs_bhtd, g.heads, c, bs)
+            ds_win = torch.bmm(do, s.v_win.transpose(1, 2)).sub_(delta).mul_(s.win)
+            dq = torch.bmm(ds_win, s.k_win)
+            # ds^T (scaled q) is scale * ds^T q: the key gradient.
+            # Padding slots read block 0 with probability 0: they add zeros there.
+            slot = (ops.kv_heads.view(-1, 1, 1) * nk + s.win_blocks).reshape(-1)
+            dk_bjkd.index_add_(1, slot, torch.bmm(ds_win.transpose(1, 2), qs).view(b, -1, bs, d))
+            dv_bjkd.index_add_(1, slot, torch.bmm(s.win.transpose(1, 2), do).view(b, -1, bs, d))
+            if s.vert is not None:
+                do_g = do.view(b * n_heads, n * bs, d)
+                ds_vert = torch.bmm(do_g, s.v_vert.transpose(1, 2)).view(n_rows, bs, -1).sub_(
+                    delta).mul_(s.vert.view(n_rows, bs, -1)).view(s.vert.shape)
+                dq += torch.bmm(ds_vert, s.k_vert).view(n_rows, bs, d)
+                qs_g = qs.view(b * n_heads, n * bs, d)
+                dk_vert[:, :, :c.u] += torch.bmm(ds_vert.transpose(1, 2), qs_g).view(
+                    b, n_heads, c.u, bs, d)
+                dv_vert[:, :, :c.u] += torch.bmm(s.vert.transpose(1, 2), do_g).view(
+                    b, n_heads, c.u, bs, d)
+            _put_rows(dq_bhtd, g.heads, c, bs, dq.mul_(scale))
+        base = ops.kv_heads.view(-1, 1) * nk
+        if g.n_vertical:
+            # compact slots past the key range were clamped duplicates, read by no row
+            keep = (g.phase.view(-1, 1) + g.stride * torch.arange(g.n_vertical)) < nk
+            vert_slot = (base + ops.vertical_blocks)[keep.to(dev)]
+            dk_bjkd.index_add_(1, vert_slot, dk_vert[:, keep.to(dev)])
+            dv_bjkd.index_add_(1, vert_slot, dv_vert[:, keep.to(dev)])
     dk_bhtd = dk_bjkd.view(b, hkv, tk, d).to(k_bhtd.dtype)
     dv_bhtd = dv_bjkd.view(b, hkv, tk, d).to(v_bhtd.dtype)
     return dq_bhtd.to(q_bhtd.dtype), dk_bhtd, dv_bhtd
