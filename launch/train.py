@@ -22,6 +22,7 @@ def prepare(dcfg: DictConfig):
     """Typed, checkpoint-resolved, validated config with its data prepared (a corpus is
     tokenized and packed here, on the driver); raises ConfigError on bad input."""
     from longtrain.checkpoint.hf import apply_init_from
+    from longtrain.config.errors import ConfigError
     from longtrain.config.validate import validate
     from longtrain.data.prepare import prepare_data
     from longtrain.model.llama import apply_layer_pattern
@@ -30,6 +31,14 @@ def prepare(dcfg: DictConfig):
     cfg = to_run_config(dcfg)
     cfg = apply_layer_pattern(apply_init_from(apply_schedule(cfg)))
     validate(cfg)
+    if cfg.memory.auto:
+        from longtrain.memory.planner import choose
+
+        try:
+            cfg, report = choose(cfg)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from exc
+        print(report, flush=True)
     return prepare_data(cfg)
 
 
@@ -87,9 +96,13 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
                                                                   resume=resume or "never"))
     if resume:
         print(f"longtrain: resuming from {resume}", flush=True)
+    from longtrain.memory.planner import Policy
+
+    memory = Policy(cfg.memory.activations, cfg.memory.checkpointing, cfg.memory.offload).name
     print(f"longtrain: {cfg.model.name} model, attention={cfg.attention.backend}, "
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
-          f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps -> {cfg.output_dir}", flush=True)
+          f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps"
+          f"{'' if memory == 'none' else f', memory {memory}'} -> {cfg.output_dir}", flush=True)
     result = run(cfg)
     if result.get("stopped_at"):
         print(f"longtrain: stopped at step {result['stopped_at']} on a signal, checkpoint saved "

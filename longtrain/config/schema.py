@@ -276,6 +276,25 @@ class LoggingConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the forward keeps for the backward (longtrain.memory)."""
+
+    # none | int8: tensors saved for backward are stored as int8 with one scale per group of
+    # `group_size` values (Mesa); the forward itself stays exact
+    activations: str = "none"
+    # none | selective (core attention recomputed, the SwiGLU product recomputed instead of
+    # stored) | full (each decoder layer recomputed from its input)
+    checkpointing: str = "none"
+    # saved activations go to pinned host memory, asynchronously (GPU; nothing to do on CPU)
+    offload: bool = False
+    group_size: int = 64
+    # memory=auto: choose the cheapest policy whose estimate fits `budget_gib` per device
+    # (None: the device's memory); the choice and the candidates are printed
+    auto: bool = False
+    budget_gib: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -287,6 +306,7 @@ class RunConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     # `init.from=<dir>`: a Hugging Face directory or a native checkpoint to take the weights
     # from (not the optimizer: that is `checkpoint.resume`); `init.required` (set by
     # experiment=extend) refuses to start without one. A dict because `from` is a Python

@@ -20,6 +20,8 @@ _CHOICES = {
     "parallel.backend": ("auto", "gloo", "nccl"),
     "model.linear_feature_map": ("silu", "elu1", "identity"),
     "model.linear_decay": ("slopes", "none"),
+    "memory.activations": ("none", "int8"),
+    "memory.checkpointing": ("none", "selective", "full"),
 }
 
 
@@ -28,6 +30,20 @@ def _get(cfg: RunConfig, dotted: str) -> object:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _memory_problems(cfg: RunConfig) -> list[str]:
+    mem = cfg.memory
+    out: list[str] = []
+    g = mem.group_size
+    if g < 16 or g > 4096 or g & (g - 1):
+        out.append(f"memory.group_size={g} must be a power of two in [16, 4096]")
+    if mem.budget_gib is not None and mem.budget_gib <= 0:
+        out.append(f"memory.budget_gib={mem.budget_gib} must be > 0")
+    if mem.budget_gib is not None and not mem.auto:
+        out.append(f"memory.budget_gib={mem.budget_gib} is only read by memory=auto "
+                   f"(memory.auto=true)")
+    return out
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:
@@ -182,6 +198,7 @@ def problems(cfg: RunConfig) -> list[str]:
                    f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
     out += _linear_problems(cfg)
     out += _s2_problems(cfg)
+    out += _memory_problems(cfg)
     # Always checked: a model problem (say num_heads vs tp) must not hide a bad rope setting.
     out += _rope_problems(cfg)
     out += _data_problems(cfg, dims)

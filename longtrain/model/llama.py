@@ -12,6 +12,7 @@ any TP size computes the same function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,9 @@ from torch import nn
 
 from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
+from longtrain.memory.functions import rms_norm, swiglu, swiglu_down
+from longtrain.memory.recompute import checkpointed
+from longtrain.memory.storage import ActivationStore, null_store
 from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
 
 
@@ -146,9 +150,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
 
     def forward(self, x_bth: torch.Tensor) -> torch.Tensor:
-        x32 = x_bth.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x_bth.dtype)
+        return rms_norm(x_bth, self.weight, self.eps)
 
 
 def _attention_projections(shape: ModelShape, mp_config) -> tuple[nn.Module, nn.Module]:
@@ -191,6 +193,10 @@ class Attention(nn.Module):
         self.parity_armed = False
         self.last_parity_error: Optional[float] = None
         self.qkv, self.out = _attention_projections(shape, mp_config)
+        # memory policy (LlamaModel.set_memory): the store saved tensors go through, and
+        # whether the core attention is recomputed in the backward
+        self.store = null_store()
+        self.recompute_core = False
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
@@ -204,7 +210,10 @@ class Attention(nn.Module):
         k_bthd = apply_rotary(k, cos_btd, sin_btd)
         if self.head_offset:
             meta = dataclasses.replace(meta, head_offset=self.head_offset)
-        o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
+        core = lambda q_, k_, v_: self.attention(q_, k_, v_, meta, ctx)  # noqa: E731
+        with self.store.attention(d):
+            o_bthd = checkpointed(core, q_bthd, k_bthd, v_bthd) if self.recompute_core else \
+                core(q_bthd, k_bthd, v_bthd)
         if self.parity_armed:
             from longtrain.attention.canary import check_parity
 
@@ -244,6 +253,8 @@ class LinearAttention(nn.Module):
         first = tp_rank * shape.local_heads
         decay = head_log_decay(cfg.num_heads, cfg.linear_decay)[first:first + shape.local_heads]
         self.register_buffer("log_decay", decay.to(device), persistent=False)
+        self.store = null_store()
+        self.recompute_core = False
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
@@ -255,7 +266,11 @@ class LinearAttention(nn.Module):
         q_bthd = self.feature_map(q) * s.head_dim ** -0.5
         k_bthd = self.feature_map(k).repeat_interleave(group, 2)
         v_bthd = v.repeat_interleave(group, 2)
-        o_bthd = self.linear_attention(q_bthd, k_bthd, v_bthd, self.log_decay, meta, ctx)
+        core = lambda q_, k_, v_: self.linear_attention(  # noqa: E731
+            q_, k_, v_, self.log_decay, meta, ctx)
+        with self.store.attention(s.head_dim):
+            o_bthd = checkpointed(core, q_bthd, k_bthd, v_bthd) if self.recompute_core else \
+                core(q_bthd, k_bthd, v_bthd)
         o32 = o_bthd.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + s.cfg.norm_eps)
         gate, _ = self.gate(x_bth)
@@ -280,11 +295,19 @@ class MLP(nn.Module):
             cfg.intermediate_size, cfg.hidden_size, config=mp_config, init_method=_skip_init,
             bias=False, input_is_parallel=True, skip_bias_add=False,
         )
+        # memory.checkpointing=selective: the SwiGLU product is recomputed in the backward
+        # instead of being kept for the down projection's weight gradient
+        self.recompute_product = False
 
     def forward(self, x_bth: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x_bth)
         gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
+        if self.recompute_product:
+            from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+            return reduce_from_tensor_model_parallel_region(
+                swiglu_down(gate, up, self.down.weight))
+        out, _ = self.down(swiglu(gate, up))
         return out
 
 
@@ -362,6 +385,20 @@ class LlamaModel(nn.Module):
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
         _mark_tensor_parallel(self)
+        self.store = null_store()
+        self.checkpointing = "none"
+
+    def set_memory(self, store: ActivationStore, checkpointing: str = "none") -> None:
+        """Use `store` for every saved tensor and recompute as `checkpointing` says (none |
+        selective: core attention and the SwiGLU product | full: every decoder layer)."""
+        if checkpointing not in ("none", "selective", "full"):
+            raise ValueError(f"memory.checkpointing={checkpointing!r} is not one of "
+                             f"['none', 'selective', 'full']")
+        self.store, self.checkpointing = store, checkpointing
+        for layer in self.layers:
+            layer.attn.store = store
+            layer.attn.recompute_core = checkpointing == "selective"
+            layer.mlp.recompute_product = checkpointing == "selective"
 
     def _parity_layer(self) -> Optional[Attention]:
         """The first softmax attention layer (the one the parity canary watches)."""
@@ -395,13 +432,18 @@ class LlamaModel(nn.Module):
         q_scale_bt = query_scale(rope, positions_bt,
                                  max_position_embeddings=self.cfg.max_position_embeddings)
         meta = AttentionMeta(causal=True, positions_bt=positions_bt, doc_ids_bt=doc_ids_bt)
-        x_bth = self.embed(tokens_bt)
-        for i, layer in enumerate(self.layers):
-            scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
-            x_bth = layer(x_bth, cos_btd, sin_btd, meta, ctx, q_scale_bt=q_scale_bt if scaled else None)
-        x_bth = self.final_norm(x_bth)
-        weight = self.embed.weight if self.cfg.tie_embeddings else None
-        logits, _ = self.head(x_bth, weight=weight)
+        full = self.checkpointing == "full" and torch.is_grad_enabled()
+        with self.store.forward():
+            self.store.share(cos_btd, sin_btd)
+            x_bth = self.embed(tokens_bt)
+            for i, layer in enumerate(self.layers):
+                scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
+                run = functools.partial(layer, cos_btd=cos_btd, sin_btd=sin_btd, meta=meta,
+                                        ctx=ctx, q_scale_bt=q_scale_bt if scaled else None)
+                x_bth = checkpointed(run, x_bth) if full else run(x_bth)
+            x_bth = self.final_norm(x_bth)
+            weight = self.embed.weight if self.cfg.tie_embeddings else None
+            logits, _ = self.head(x_bth, weight=weight)
         if self._num_padded_logits:
             logits = logits.clone()
             logits[..., -self._num_padded_logits:] = float("-inf")

@@ -44,6 +44,9 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = Tru
     model = LlamaModel(cfg.model, cfg.rope, attention=softmax, linear_attention=linear,
                        tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)
+    from longtrain.memory import store_for
+
+    model.set_memory(store_for(cfg.memory, model.parameters()), cfg.memory.checkpointing)
     if not weights:
         return model
     if cfg.init_from:

@@ -1,0 +1,254 @@
+"""The activation-memory model and `memory=auto`: the cheapest policy that fits a budget.
+
+Legend (per TP rank): H hidden, q = local query heads x D, kv = local kv heads x D, I the
+local intermediate size, V the local vocabulary shard, e the activation element size (4 fp32,
+2 bf16), c = 1 + 4 / group_size the bytes per element stored int8 (one float32 scale per
+group). Tokens per rank = micro_batch x seq_len / cp.
+
+Saved for the backward per token and softmax layer (what `ActivationStore` counts):
+
+| tensor | none | int8 | selective | full |
+|---|---|---|---|---|
+| attention-norm input x, qkv input | 2H e | 2H c | 2H e | x only: H e |
+| fused qkv output (v is a view of it) | (q + 2kv) e | v: kv c | (q + 2kv) e | - |
+| rotated q, k | (q + kv) e | (q + kv) c | (q + kv) e | - |
+| attention output, out-projection input | q e | 2q c | q e | - |
+| log-sum-exp | 4 x heads | 4 x heads | - | - |
+| MLP-norm input, gate|up input | 2H e | 2H c | 2H e | - |
+| gate|up output (SwiGLU's inputs) | 2I e | 2I c | 2I e | - |
+| SwiGLU product (down-projection input) | I e | I c | - | - |
+| RMSNorm rstd (2) | 8 | 8 | 8 | - |
+
+A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
+2q more); `full` recomputes one layer at a time, so one layer of the `none` column is added
+as the backward's transient. Outside the layers: the final norm and head inputs (2H, int8
+too) and the logits with their float32 copy for the loss ((e + 4) V). The model ignores the attention
+backends' transients (a ring step's K/V in flight, a block of scores), which are per layer
+and small next to L layers of saved tensors at long context.
+
+Step-time cost of a policy, relative to none: recomputation from FLOPs (selective adds the
+attention forward, full the whole forward) over 3x the forward, int8 a measured few per cent
+(benchmarks/memory.py); offload costs nothing modelled here (it overlaps on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+GIB = float(1 << 30)
+# int8 storage's step-time overhead (quantize at save, dequantize at use), from
+# benchmarks/memory.py on this project's CPU runs; used only to rank policies
+INT8_OVERHEAD = 0.06
+
+
+@dataclass(frozen=True)
+class Policy:
+    activations: str = "none"
+    checkpointing: str = "none"
+    offload: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [p for p in (self.activations if self.activations != "none" else "",
+                             self.checkpointing if self.checkpointing != "none" else "",
+                             "offload" if self.offload else "") if p]
+        return "+".join(parts) or "none"
+
+
+CANDIDATES = [Policy(a, c, o) for o in (False, True) for c in ("none", "selective", "full")
+              for a in ("none", "int8")]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The per-rank sizes the model needs (see the legend)."""
+
+    hidden: int
+    q: int
+    kv: int
+    heads: int
+    inter: int
+    vocab: int
+    layers: int
+    linear_layers: int
+    elem: int
+    group_size: int
+    tokens: int  # per rank per micro-batch
+    seq_len: int
+    params: int  # on this rank
+    param_elem: int
+
+    @classmethod
+    def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
+        from longtrain.model.llama import layer_kinds
+
+        m, tp, cp = cfg.model, cfg.parallel.tp, cfg.parallel.cp
+        d = m.head_dim or m.hidden_size // m.num_heads
+        t = seq_len or cfg.data.seq_len
+        elem = 2 if cfg.train.precision == "bf16" else 4
+        vocab = -(-m.vocab_size // tp)
+        q, kv, inter = m.num_heads * d // tp, m.num_kv_heads * d // tp, m.intermediate_size // tp
+        kinds = layer_kinds(m, linear_default=cfg.attention.backend in ("lasp1", "lasp2"))
+        n_linear = kinds.count("linear")
+        per_layer = (m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * inter
+                     + 2 * m.hidden_size)
+        params = (m.num_layers * per_layer + n_linear * m.hidden_size * q
+                  + vocab * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size)
+        return cls(hidden=m.hidden_size, q=q, kv=kv, heads=m.num_heads // tp, inter=inter,
+                   vocab=vocab, layers=m.num_layers, linear_layers=n_linear, elem=elem,
+                   group_size=cfg.memory.group_size,
+                   tokens=cfg.data.micro_batch_size * t // cp, seq_len=t, params=params,
+                   param_elem=elem)
+
+
+def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> float:
+    """Saved bytes per token of one decoder layer under `policy` (the table above)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.inter
+    if policy.checkpointing == "full":
+        return h * (1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem)
+    selective = policy.checkpointing == "selective"
+    extra = 2 * q if linear else 0  # linear attention's gate input and output
+    lse = 0 if linear or selective else 4 * s.heads
+    product = 0 if selective else i
+    if policy.activations == "int8":
+        c = 1.0 + 4.0 / s.group_size
+        # the attention's own output copy and the out-projection input: 2q (one when the
+        # core attention is recomputed)
+        out = q if selective else 2 * q
+        return c * (4 * h + kv + (q + kv) + out + 2 * i + product + extra) + lse + 8
+    return s.elem * (4 * h + (q + 2 * kv) + (q + kv) + q + 2 * i + product + extra) + lse + 8
+
+
+def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
+    """Bytes per rank for one micro-batch in flight: 'layers' (saved by the decoder layers),
+    'transient' (one layer recomputed under full), 'final' (the final norm and head inputs),
+    'logits' (the logits and the loss's float32 copy) and their 'total'."""
+    softmax = s.layers - s.linear_layers
+    per_token = (softmax * layer_bytes_per_token(s, policy)
+                 + s.linear_layers * layer_bytes_per_token(s, policy, linear=True))
+    transient = 0.0
+    if policy.checkpointing == "full":
+        transient = layer_bytes_per_token(s, Policy("none", "none"),
+                                          linear=s.linear_layers == s.layers)
+    stored = 1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem
+    out = {"layers": per_token * s.tokens, "transient": transient * s.tokens,
+           "final": (2 * s.hidden * stored + 4) * s.tokens,
+           "logits": (s.elem + 4) * s.vocab * s.tokens}
+    out["total"] = sum(out.values())
+    return out
+
+
+def static_bytes(s: Shape, *, zero: int = 0, dp: int = 1) -> dict[str, float]:
+    """Parameters, gradients and AdamW state per rank (fp32 master copies in bf16 runs);
+    ZeRO-1 shards the optimizer state over DP, ZeRO-2 the gradients as well."""
+    p = s.params
+    optimizer = 8 * p + (4 * p if s.param_elem != 4 else 0)
+    grads = s.param_elem * p
+    if zero >= 1:
+        optimizer /= dp
+    if zero >= 2:
+        grads /= dp
+    out = {"params": s.param_elem * p, "grads": grads, "optimizer": optimizer}
+    out["total"] = sum(out.values())
+    return out
+
+
+def recompute_cost(s: Shape, policy: Policy) -> float:
+    """Step time relative to `none` (see the module docstring)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.inter
+    linear_flops = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i)  # per token per layer
+    attention_flops = 2 * s.seq_len * q  # causal: half of 4 T q
+    forward = linear_flops + attention_flops
+    extra = {"none": 0.0, "selective": attention_flops, "full": forward}[policy.checkpointing]
+    cost = 1.0 + extra / (3 * forward)
+    return cost + (INT8_OVERHEAD if policy.activations == "int8" else 0.0)
+
+
+def device_budget_bytes(cfg: Any) -> float:
+    """memory.budget_gib, or the device's memory (CPU: this machine's RAM over the ranks on it)."""
+    if cfg.memory.budget_gib is not None:
+        return cfg.memory.budget_gib * GIB
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from longtrain.parallel.dims import ParallelDims
+
+    return ram / max(1, min(ParallelDims.from_config(cfg.parallel).world_size,
+                            os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    policy: Policy
+    activations: float
+    static: float
+    cost: float
+
+    @property
+    def total(self) -> float:
+        return self.activations + self.static
+
+
+def estimates(cfg: Any, *, on_gpu: bool) -> list[Estimate]:
+    """Every candidate policy's per-rank memory and relative cost (offload only on GPU)."""
+    from longtrain.parallel.dims import ParallelDims
+
+    from longtrain.train.schedule import stage_config, stages
+
+    # a progressive schedule: each stage's length and CP; the largest need counts
+    shapes = [Shape.of(stage_config(cfg, st)) for st in stages(cfg)]
+    dims = ParallelDims.from_config(cfg.parallel)
+    static = static_bytes(shapes[0], zero=cfg.optim.zero, dp=dims.dp)["total"]
+    out = []
+    for policy in CANDIDATES:
+        if policy.offload and not on_gpu:
+            continue
+        # offloaded: the saved tensors live on the host; the rest stays on the device
+        need = max(activation_bytes(s, policy)["total"]
+                   - (activation_bytes(s, policy)["layers"] if policy.offload else 0.0)
+                   for s in shapes)
+        cost = max(recompute_cost(s, policy) for s in shapes)
+        out.append(Estimate(policy, need, static, cost))
+    return out
+
+
+def choose(cfg: Any, *, on_gpu: Optional[bool] = None) -> tuple[Any, str]:
+    """(cfg with the chosen memory policy, a report of the candidates and the choice).
+
+    Raises ValueError naming the sizes when no candidate fits."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    budget = device_budget_bytes(cfg)
+    table = sorted(estimates(cfg, on_gpu=on_gpu), key=lambda e: (e.cost, e.total))
+    fits = [e for e in table if e.total <= budget]
+    lines = [f"memory=auto: budget {budget / GIB:.2f} GiB per device; seq_len "
+             f"{cfg.data.seq_len}, micro_batch {cfg.data.micro_batch_size}, tp "
+             f"{cfg.parallel.tp}, cp {cfg.parallel.cp}",
+             f"  {'policy':<24} {'activations GiB':>15} {'static GiB':>10} {'total GiB':>9} "
+             f"{'time x':>6}  fits"]
+    for e in table:
+        lines.append(f"  {e.policy.name:<24} {e.activations / GIB:>15.3f} {e.static / GIB:>10.3f} "
+                     f"{e.total / GIB:>9.3f} {e.cost:>6.2f}  {'yes' if e.total <= budget else 'no'}")
+    if not fits:
+        best = min(table, key=lambda e: e.total)
+        raise ValueError(
+            f"memory=auto: no memory policy fits memory.budget_gib={budget / GIB:.2f} per device "
+            f"at data.seq_len={cfg.data.seq_len}, data.micro_batch_size="
+            f"{cfg.data.micro_batch_size}, parallel.tp={cfg.parallel.tp}, parallel.cp="
+            f"{cfg.parallel.cp}: the smallest, {best.policy.name}, needs "
+            f"{best.total / GIB:.2f} GiB; raise parallel.cp or parallel.tp, or lower "
+            f"data.micro_batch_size\n" + "\n".join(lines))
+    pick = fits[0]
+    lines.append(f"  chosen: {pick.policy.name} -- the fastest estimate that fits "
+                 f"({pick.total / GIB:.2f} of {budget / GIB:.2f} GiB)")
+    memory = dataclasses.replace(cfg.memory, activations=pick.policy.activations,
+                                 checkpointing=pick.policy.checkpointing,
+                                 offload=pick.policy.offload, auto=False)
+    return dataclasses.replace(cfg, memory=memory), "\n".join(lines)
