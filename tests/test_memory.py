@@ -264,3 +264,71 @@ def test_bad_memory_settings_name_the_fields(change, expected) -> None:
 
     cfg = _config(**change)
     assert any(expected in p for p in problems(cfg)), problems(cfg)
+
+
+# --------------------------------------------------------------------------- ZeRO
+
+def _zero_curve(rt: Any, zero: int, precision: str, out_path: str) -> None:
+    from longtrain.train.loop import TrainState, train
+
+    cfg = _config()
+    cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp = (
+        rt.dims.world_size, rt.dims.tp, rt.dims.cp)
+    cfg.optim.zero, cfg.train.precision = zero, precision
+    cfg.attention.backend = "ring" if rt.dims.cp > 1 else "dense"
+    cfg.data.batch_size, cfg.data.micro_batch_size = 4, 1  # 2 micro-batches per DP rank
+    cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.lr = 4, 1, 1e-3
+    cfg.optim.grad_clip = 0.5  # clipping is active: the global norm must match too
+    state = TrainState.create(cfg, rt)
+    curve = [(m["loss"], m["grad_norm"]) for m in train(cfg, rt, state=state)]
+    if rt.rank == 0:
+        torch.save(curve, out_path)
+
+
+@pytest.mark.parametrize("zero,world,tp,cp", [(1, 2, 1, 1), (2, 4, 2, 1), (2, 4, 1, 2)],
+                         ids=["zero1-dp2", "zero2-tp2xdp2", "zero2-cp2xdp2"])
+def test_zero_matches_plain_data_parallel(tmp_path, zero, world, tp, cp) -> None:
+    curves = {}
+    for stage in (0, zero):
+        path = os.path.join(tmp_path, f"z{stage}.pt")
+        run_distributed(_zero_curve, world_size=world, tp=tp, cp=cp,
+                        args=(stage, "fp32", path))
+        curves[stage] = torch.load(path, weights_only=False)
+    plain, sharded = curves[0], curves[zero]
+    assert len(sharded) == 4
+    for (loss, norm), (loss0, norm0) in zip(sharded, plain):
+        assert abs(loss - loss0) <= 1e-5 * abs(loss0), (sharded, plain)
+        assert abs(norm - norm0) <= 1e-4 * norm0, (sharded, plain)
+    assert plain[0][1] > 0.5, "clipping must be active in the compared steps"
+
+
+def _zero_resume(rt: Any, zero: int, ckpt_dir: str, resume: str, out_path: str) -> None:
+    from longtrain.train.loop import TrainState, train
+
+    cfg = _config()
+    cfg.parallel.world_size = rt.dims.world_size
+    cfg.optim.zero = zero
+    cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.lr = 4, 1, 1e-3
+    cfg.checkpoint.dir, cfg.checkpoint.resume, cfg.checkpoint.every = ckpt_dir, resume, 2
+    state = TrainState.create(cfg, rt)
+    curve = {m["step"]: m["loss"] for m in train(cfg, rt, state=state)}
+    if rt.rank == 0:
+        torch.save(curve, out_path)
+
+
+def test_zero_checkpoints_resume_sharded_or_plain(tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    full = str(tmp_path / "full.pt")
+    run_distributed(_zero_resume, world_size=2, args=(2, ckpt, "never", full))
+    uninterrupted = torch.load(full, weights_only=False)
+    step2 = os.path.join(ckpt, "step_00000002")
+    assert os.path.isdir(step2), os.listdir(ckpt)
+    for zero in (2, 0):  # back into ZeRO shards, and into the plain optimizer
+        out = str(tmp_path / f"resumed{zero}.pt")
+        run_distributed(_zero_resume, world_size=2,
+                        args=(zero, str(tmp_path / f"ckpt{zero}"), step2, out))
+        resumed = torch.load(out, weights_only=False)
+        assert sorted(resumed) == [3, 4], resumed
+        for step in (3, 4):
+            assert abs(resumed[step] - uninterrupted[step]) <= 1e-6 * uninterrupted[step], (
+                zero, resumed, uninterrupted)

@@ -24,7 +24,6 @@ Document ids are all-gathered over the ulysses group and reordered the same way.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
 from longtrain.attention.dense import dense_attention
+from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
 from longtrain.parallel.layout import split_for_cp
 
 if TYPE_CHECKING:
@@ -158,24 +158,6 @@ def ulysses_reorder(t_local: int, *, cp_size: int, ulysses: int, ring_rank: int,
     return to_ring.to(device), to_gathered.to(device)
 
 
-_DS_COMM_READY = False
-
-
-def _ensure_deepspeed_comm() -> None:
-    """Initialize DeepSpeed's comm layer once per process, on the torch.distributed world."""
-    global _DS_COMM_READY
-    if _DS_COMM_READY:
-        return
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.comm as ds_comm
-
-    if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-    _DS_COMM_READY = True
-
-
 class _LocalAttention:
     """What runs between the all-to-alls: reorder, attend over the sequence, reorder back."""
 
@@ -230,7 +212,7 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
     doc = None if doc_bt is None else _gather_docs(doc_bt, ulysses_group, to_ring)
     local = _LocalAttention(to_ring=to_ring, to_gathered=to_gathered, ring_group=ring_group,
                             causal=causal, scale=scale, doc_bt=doc)
-    _ensure_deepspeed_comm()
+    ensure_deepspeed_comm()
     from deepspeed.sequence.layer import DistributedAttention
 
     attn = DistributedAttention(local, ulysses_group, scatter_idx=_SCATTER_HEADS,

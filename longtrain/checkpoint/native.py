@@ -292,10 +292,12 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
             if _STALE.match(name):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _barrier()
-    sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
-                           rank_key=f"rng.rank{runtime.rank}")
     try:
-        dcp.save(sd, checkpoint_id=tmp)
+        # ZeRO: the shards gathered into full per-parameter state, as the plain optimizer has
+        with optimizer.materialized():
+            sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
+                                   rank_key=f"rng.rank{runtime.rank}")
+            dcp.save(sd, checkpoint_id=tmp)
     except BaseException:
         if is_coordinator:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -359,20 +361,22 @@ def load_train_state(path: str, *, model: "LlamaModel", optimizer: "Optimizer",
                               + "; ".join(diffs))
     same_world = manifest["layout"]["world_size"] == runtime.dims.world_size
     rank_key = f"rng.rank{runtime.rank}"
-    sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime), rank_key=rank_key)
-    if not same_world:
-        # Per-rank RNG streams do not map onto another world size; the loop reseeds.
-        del sd[rank_key]
-    step_tensor = sd["optim.step"]
-    dcp.load(sd, checkpoint_id=path)
-    for m in optimizer.master:
-        optimizer.inner.state[m]["step"] = step_tensor.clone()
-    if same_world:
-        torch.set_rng_state(sd[rank_key])
-    if optimizer.mixed:
-        with torch.no_grad():
-            for p, m in zip(optimizer.params, optimizer.master):
-                p.copy_(m.to(p.dtype))
+    # ZeRO: loaded into full per-parameter state, then written back into the shards
+    with optimizer.materialized(load=True):
+        sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime), rank_key=rank_key)
+        if not same_world:
+            # Per-rank RNG streams do not map onto another world size; the loop reseeds.
+            del sd[rank_key]
+        step_tensor = sd["optim.step"]
+        dcp.load(sd, checkpoint_id=path)
+        for m in optimizer.master:
+            optimizer.inner.state[m]["step"] = step_tensor.clone()
+        if same_world:
+            torch.set_rng_state(sd[rank_key])
+        if optimizer.mixed:
+            with torch.no_grad():
+                for p, m in zip(optimizer.params, optimizer.master):
+                    p.copy_(m.to(p.dtype))
     return manifest
 
 

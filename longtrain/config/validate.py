@@ -208,8 +208,14 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
     if cfg.optim.warmup_steps < 0:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
-    if cfg.optim.zero != 0:
-        out.append(f"optim.zero={cfg.optim.zero} is not available yet; use optim.zero=0")
+    if cfg.optim.zero not in (0, 1, 2):
+        out.append(f"optim.zero={cfg.optim.zero} is not one of [0, 1, 2] (ZeRO-3 is not "
+                   f"supported: TP already shards the weights)")
+    elif cfg.optim.zero and len({dict(st).get("cp", cfg.parallel.cp)
+                                 for st in cfg.train.schedule} | {cfg.parallel.cp}) > 1:
+        out.append(f"optim.zero={cfg.optim.zero} with a train.schedule that changes the CP "
+                   f"degree: the ZeRO shards are laid out over CP x DP; keep cp fixed or use "
+                   f"optim.zero=0")
     from longtrain.attention.ulysses import ulysses_problems
 
     out += ulysses_problems(cfg)

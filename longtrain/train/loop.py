@@ -25,7 +25,7 @@ from longtrain.parallel.runtime import ParallelRuntime, remesh
 from longtrain.parallel.watch import (CollectiveError, collective, describe_failure,
                                       is_communication_failure, set_phase, track_modules)
 from longtrain.train.loss import reduce_sum, token_loss_sum
-from longtrain.train.optim import Optimizer, sum_gradients
+from longtrain.train.optim import Optimizer, make_optimizer
 from longtrain.train.schedule import Stage, stage_at, stage_config, stages
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -88,7 +88,11 @@ class TrainState:
         resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
         model = build_model(cfg, runtime, weights=resume is None)
         track_modules(model)
-        optimizer = Optimizer(model, cfg.optim, total_steps=cfg.train.steps)
+        dims = runtime.dims
+        optimizer = make_optimizer(model, cfg.optim, total_steps=cfg.train.steps,
+                                   runtime=runtime,
+                                   micro_batches=cfg.data.batch_size // dims.dp
+                                   // cfg.data.micro_batch_size)
         state = cls(model, optimizer, runtime)
         if resume is None:
             return state
@@ -232,15 +236,15 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
     if check:
         model.arm_parity_check(tol=cfg.attention.check_tol)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    for mb in micro:
+    for i, mb in enumerate(micro):
         logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
                        seq_len=cfg.data.seq_len, ctx=ctx)
         loss = token_loss_sum(logits, mb.labels_bt, mb.weights_bt)
-        (loss / targets).backward()
+        optimizer.backward(loss / targets, last=i == len(micro) - 1)
         loss_sum += loss.detach().double()
     set_phase("optimizer", "gradient sum")
     with collective("gradient all-reduce", group="CP x DP"):
-        sum_gradients(optimizer.params, group=runtime.dp_cp_group)
+        optimizer.reduce_gradients(group=runtime.dp_cp_group)
     with collective("gradient-norm all-reduce", group="tensor-parallel"):
         stats = optimizer.step(state.step, tp_group=runtime.tp_group)
     with collective("loss all-reduce", group="CP x DP"):

@@ -3,7 +3,10 @@ CP x DP, and fp32 master weights when the model runs in bf16."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,6 +24,23 @@ def lr_at(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_groups(params: list, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on vectors (norms, biases)."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runtime=None,
+                   micro_batches: int = 1):
+    """The plain Optimizer, or with optim.zero=1|2 the DeepSpeed ZeRO one (train.zero)."""
+    if cfg.zero:
+        from longtrain.train.zero import ZeroOptimizer
+
+        return ZeroOptimizer(model, cfg, total_steps=total_steps, runtime=runtime,
+                             micro_batches=micro_batches)
+    return Optimizer(model, cfg, total_steps=total_steps)
 
 
 def sum_gradients(params: list[nn.Parameter], *, group) -> None:
@@ -76,17 +96,25 @@ class Optimizer:
         self.mixed = any(p.dtype != torch.float32 for p in self.params)
         self.master = ([p.detach().float().clone() for p in self.params] if self.mixed
                        else self.params)
-        decay = [m for p, m in zip(self.params, self.master) if p.dim() >= 2]
-        no_decay = [m for p, m in zip(self.params, self.master) if p.dim() < 2]
-        self.inner = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        )
+        self.inner = torch.optim.AdamW(decay_groups(self.master, cfg.weight_decay),
+                                       lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        """Backward of one micro-batch's share of the global loss (`last`: of this step)."""
+        loss.backward()
+
+    def reduce_gradients(self, *, group) -> None:
+        """Sum the gradients over `group` (CP x DP)."""
+        sum_gradients(self.params, group=group)
+
+    @contextlib.contextmanager
+    def materialized(self, *, load: bool = False) -> Iterator[None]:
+        """`master` and `inner.state` already hold the full state (see zero.ZeroOptimizer)."""
+        yield
 
     @torch.no_grad()
     def step(self, step: int, *, tp_group) -> dict[str, float]:
