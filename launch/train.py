@@ -39,6 +39,12 @@ def prepare(dcfg: DictConfig):
         except ValueError as exc:
             raise ConfigError([str(exc)]) from exc
         print(report, flush=True)
+    else:
+        from longtrain.memory.planner import over_budget_warning
+
+        warning = over_budget_warning(cfg)
+        if warning:
+            print(f"longtrain-train: warning: {warning}", file=sys.stderr, flush=True)
     return prepare_data(cfg)
 
 

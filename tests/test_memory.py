@@ -257,7 +257,7 @@ def test_memory_auto_picks_the_fastest_policy_that_fits() -> None:
     ({"activations": "int4"}, "memory.activations='int4'"),
     ({"checkpointing": "some"}, "memory.checkpointing='some'"),
     ({"group_size": 24}, "memory.group_size=24"),
-    ({"budget_gib": 4.0}, "memory.budget_gib=4.0 is only read by memory=auto"),
+    ({"budget_gib": -1.0}, "memory.budget_gib=-1.0 must be > 0"),
 ])
 def test_bad_memory_settings_name_the_fields(change, expected) -> None:
     from longtrain.config.validate import problems
@@ -332,3 +332,16 @@ def test_zero_checkpoints_resume_sharded_or_plain(tmp_path) -> None:
         for step in (3, 4):
             assert abs(resumed[step] - uninterrupted[step]) <= 1e-6 * uninterrupted[step], (
                 zero, resumed, uninterrupted)
+
+
+def test_preflight_warns_when_the_policy_cannot_fit() -> None:
+    from longtrain.memory.planner import GIB, estimates, over_budget_warning
+
+    cfg = _config()
+    cfg.data.seq_len = 8192
+    table = {e.policy.name: e for e in estimates(cfg, on_gpu=False)}
+    cfg.memory.budget_gib = (table["none"].total + table["int8"].total) / 2 / GIB
+    warning = over_budget_warning(cfg, on_gpu=False)
+    assert warning is not None and "memory none" in warning and "would pick int8" in warning
+    cfg.memory.activations = "int8"
+    assert over_budget_warning(cfg, on_gpu=False) is None

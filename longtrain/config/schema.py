@@ -289,7 +289,8 @@ class MemoryConfig:
     offload: bool = False
     group_size: int = 64
     # memory=auto: choose the cheapest policy whose estimate fits `budget_gib` per device
-    # (None: the device's memory); the choice and the candidates are printed
+    # (None: the device's memory); the choice and the candidates are printed. Otherwise the
+    # pre-flight check warns when the configured policy's estimate exceeds it.
     auto: bool = False
     budget_gib: Optional[float] = None
 

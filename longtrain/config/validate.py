@@ -40,9 +40,6 @@ def _memory_problems(cfg: RunConfig) -> list[str]:
         out.append(f"memory.group_size={g} must be a power of two in [16, 4096]")
     if mem.budget_gib is not None and mem.budget_gib <= 0:
         out.append(f"memory.budget_gib={mem.budget_gib} must be > 0")
-    if mem.budget_gib is not None and not mem.auto:
-        out.append(f"memory.budget_gib={mem.budget_gib} is only read by memory=auto "
-                   f"(memory.auto=true)")
     return out
 
 
