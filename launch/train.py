@@ -62,6 +62,8 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
         print("longtrain-train: hydra/launcher=slurm submits in multirun mode only: add -m",
               file=sys.stderr)
         sys.exit(2)
+    if _CHECK_ONLY:
+        return _check(dcfg)
     allocation = Allocation.detect()
     if allocation is None:
         return _train(dcfg)
@@ -122,7 +124,47 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
     return result
 
 
+def _check(dcfg: DictConfig) -> dict[str, Any]:
+    """--check: print the layout, attention per layer, memory estimate and every violated
+    constraint; start nothing. Exits 2 when a constraint fails."""
+    from longtrain.checkpoint.hf import apply_init_from
+    from longtrain.config.errors import ConfigError
+    from longtrain.config.preflight import check_report
+    from longtrain.model.llama import apply_layer_pattern
+    from longtrain.train.schedule import apply_schedule
+
+    try:
+        cfg = apply_layer_pattern(apply_init_from(apply_schedule(to_run_config(dcfg))))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"longtrain-train --check: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.memory.auto:
+        from longtrain.config.validate import problems
+        from longtrain.memory.planner import choose
+
+        if not problems(cfg):
+            try:
+                cfg, report = choose(cfg)
+                print(report)
+            except ValueError as exc:
+                print(f"longtrain-train --check: {exc}", file=sys.stderr)
+                sys.exit(2)
+    report, found = check_report(cfg)
+    print(report, flush=True)
+    if found:
+        sys.exit(2)
+    return {"checked": True}
+
+
+# set by main() when `--check` is on the command line (Hydra owns the other arguments)
+_CHECK_ONLY = False
+
+
 def main() -> None:
+    global _CHECK_ONLY
+    if "--check" in sys.argv[1:]:
+        sys.argv.remove("--check")
+        _CHECK_ONLY = True
     # hydra/launcher=slurm: submitit's warning signal is USR1 (its default is USR2), the one the
     # driver checkpoints on; read when submitit is imported, here and in the job it submits
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")

@@ -42,5 +42,17 @@ class ParallelDims:
         """(tp_rank, cp_rank, dp_rank) of a global rank, megatron-core's order."""
         return rank % self.tp, (rank // self.tp) % self.cp, rank // (self.tp * self.cp)
 
+    def groups(self) -> dict[str, list[list[int]]]:
+        """The global ranks of every TP, CP and DP group, each sorted (megatron-core's order:
+        a group holds the ranks whose other two coordinates agree)."""
+        out: dict[str, list[list[int]]] = {}
+        for axis, name in enumerate(("tp", "cp", "dp")):
+            members: dict[tuple[int, ...], list[int]] = {}
+            for rank in range(self.world_size):
+                c = self.coords(rank)
+                members.setdefault(c[:axis] + c[axis + 1:], []).append(rank)
+            out[name] = sorted(members.values())
+        return out
+
     def describe(self) -> str:
         return f"world={self.world_size} = tp {self.tp} x cp {self.cp} x dp {self.dp}"
