@@ -11,7 +11,6 @@ also goes into BENCHMARKS.md with the table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import datetime
@@ -29,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from benchmarks.report import command_line, replace_section
+from benchmarks.report import argument_parser, command_line, replace_section
 
 CP = 2
 BACKENDS = ("dense", "ring", "ulysses", "torch_cp")
@@ -432,8 +431,7 @@ def section(rows: list[Row], prob: Problem, *, command: str, plot_rel: Optional[
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=METHOD,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__, METHOD)
     p.add_argument("--lengths", default="4096,8192,16384",
                    help="comma-separated global sequence lengths (multiples of 2*CP)")
     p.add_argument("--heads", type=int, default=8)

@@ -12,7 +12,6 @@ with the table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import inspect
@@ -28,7 +27,7 @@ import torch.distributed as dist
 
 from benchmarks.attention import (Problem, _agreed_error, _fwd_bwd, _reason, _timed, machine,
                                   sent_mib)
-from benchmarks.report import command_line, replace_section
+from benchmarks.report import add_output_args, argument_parser, command_line, join_section, replace_section
 
 CP = 4
 METHODS = ("lasp1", "lasp2", "ring")
@@ -390,15 +389,12 @@ def section(rows: list[Row], prob: Problem, *, cp: int, command: str) -> str:
         f"thread over gloo ({share}).",
         f"```\n{command}\n```",
         table(rows),
-        "\n".join(f"- **{line}**" for line in verdict(rows, prob=prob, cp=cp)),
-        "Method:\n\n" + METHOD.strip(),
     ]
-    return "\n\n".join(parts)
+    return join_section(parts, verdict(rows, prob=prob, cp=cp), METHOD)
 
 
 def main(argv: Optional[list[str]] = None) -> list[Row]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=METHOD,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__, METHOD)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
                    help="comma-separated global sequence lengths (multiples of 2*CP)")
     p.add_argument("--cp", type=int, default=CP, help="context-parallel degree (processes)")
@@ -407,9 +403,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: lengths {QUICK_LENGTHS}, 1 rep")
-    p.add_argument("--out", default="BENCHMARKS.md",
-                   help="markdown file to write the section into ('' = none)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     lengths = list(QUICK_LENGTHS) if args.quick else [int(x) for x in args.lengths.split(",")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Optional
@@ -28,3 +29,22 @@ def command_line(module: str, argv: Optional[list[str]]) -> str:
     """How the section was produced: `python -m <module> <args>` (argv None: this process's)."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python -m " + module, *args])
+
+
+def argument_parser(doc: str, method: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: the module docstring's first paragraph, its METHOD as epilog."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=method,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def join_section(parts: list[str], verdicts: list[str], method: str) -> str:
+    """A section's body: `parts`, the verdict lines in bold, then the method."""
+    return "\n\n".join([*parts, "\n".join(f"- **{line}**" for line in verdicts),
+                         "Method:\n\n" + method.strip()])
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--out (the markdown file the section goes into) and --json (the rows)."""
+    p.add_argument("--out", default="BENCHMARKS.md",
+                   help="markdown file to write the section into ('' = none)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")

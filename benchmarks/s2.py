@@ -12,7 +12,6 @@ dim, bs the pattern's block size, c the CP degree (2). How each figure is measur
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import datetime
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from benchmarks.attention import (_agreed_error, _fwd_bwd, _pin_mmap_threshold, _reason,
                                   _timed, machine, sent_mib)
 from benchmarks.lasp import _bytes, counting_sends, sent_per_rank, time_rotating
-from benchmarks.report import command_line, replace_section
+from benchmarks.report import add_output_args, argument_parser, command_line, join_section, replace_section
 
 CP = 2
 METHODS = ("dense", "s2", "ring", "s2 cp2")
@@ -424,15 +423,12 @@ def section(rows: list[Row], prob: Problem, *, command: str) -> str:
         f"gloo.",
         f"```\n{command}\n```",
         table(rows),
-        "\n".join(f"- **{line}**" for line in verdict(rows, prob=prob)),
-        "Method:\n\n" + METHOD.strip(),
     ]
-    return "\n\n".join(parts)
+    return join_section(parts, verdict(rows, prob=prob), METHOD)
 
 
 def main(argv: Optional[list[str]] = None) -> list[Row]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=METHOD,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__, METHOD)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
                    help="comma-separated global sequence lengths (multiples of 2*CP*block)")
     p.add_argument("--heads", type=int, default=8)
@@ -444,9 +440,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: lengths {QUICK_LENGTHS}, 1 rep")
-    p.add_argument("--out", default="BENCHMARKS.md",
-                   help="markdown file to write the section into ('' = none)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     lengths = list(QUICK_LENGTHS) if args.quick else [int(x) for x in args.lengths.split(",")]

@@ -18,6 +18,21 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def _run_quick(tmp_path, key: str) -> tuple[str, object]:
+    """`python -m benchmarks.<key> --quick` into a BENCHMARKS.md that has other text: checks
+    that it ran, kept that text and wrote its one section; returns (the file's text, the
+    rows it wrote with --json)."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    rows_path = tmp_path / f"{key}.json"
+    res = _run(f"benchmarks.{key}", "--quick", "--out", str(out), "--json", str(rows_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = out.read_text()
+    assert "kept text" in text
+    assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text
+    return text, json.loads(rows_path.read_text())
+
+
 @pytest.mark.slow
 def test_quick_benchmarks_write_their_sections(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
@@ -37,15 +52,7 @@ def test_quick_benchmarks_write_their_sections(tmp_path):
 
 @pytest.mark.slow
 def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\nkept text\n")
-    rows_path = tmp_path / "lasp.json"
-    res = _run("benchmarks.lasp", "--quick", "--out", str(out), "--json", str(rows_path))
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = out.read_text()
-    assert "kept text" in text
-    assert text.count("<!-- lasp:begin -->") == 1 and "<!-- lasp:end -->" in text
-    rows = json.loads(rows_path.read_text())
+    text, rows = _run_quick(tmp_path, "lasp")
     assert [r for r in rows if r["error"] or r["time_s"] is None] == []
     sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
     # CP=4, 8 heads x 64: one fp32 [H, D, D] state is 128 KiB
@@ -62,15 +69,7 @@ def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
 
 @pytest.mark.slow
 def test_quick_s2_benchmark_counts_the_blocks_sent(tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\nkept text\n")
-    rows_path = tmp_path / "s2.json"
-    res = _run("benchmarks.s2", "--quick", "--out", str(out), "--json", str(rows_path))
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = out.read_text()
-    assert "kept text" in text
-    assert text.count("<!-- s2:begin -->") == 1 and "<!-- s2:end -->" in text
-    rows = json.loads(rows_path.read_text())
+    text, rows = _run_quick(tmp_path, "s2")
     assert [r for r in rows if r["error"] or r["time_s"] is None] == []
     sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
     for n in (1024, 2048):
@@ -96,3 +95,36 @@ def test_quick_s2_benchmark_counts_the_blocks_sent(tmp_path):
     assert sent[("s2 cp2", 1024)] == [(3 + 4) * 32 * 1024] * 2
     assert sent[("ring", 1024)] == [8 * (2 * 256 * 64 * 4)] * 2
     assert "planned 0.438, measured 0.438" in res.stdout
+
+
+@pytest.mark.slow
+def test_quick_memory_benchmark_measures_every_policy(tmp_path):
+    text, got = _run_quick(tmp_path, "memory")
+    rows = got["rows"]
+    assert [r for r in rows if r["error"] or r["time_s"] is None or r["peak_mib"] is None] == []
+    saved = {(r["policy"], r["cp"], r["length"]): r["saved_bytes"] for r in rows}
+    assert len(saved) == 6 * 2 * 2
+    for cp in (1, 2):
+        for n in (512, 1024):
+            s = {p: saved[(p, cp, n)] for p in ("none", "int8", "selective", "int8+selective",
+                                                "full", "int8+full")}
+            # what each policy keeps is deterministic: int8 about a quarter of fp32, and
+            # recomputation keeps less, the more it recomputes
+            assert s["int8"] < 0.35 * s["none"], (cp, n, s)
+            assert s["none"] > s["selective"] > s["full"], (cp, n, s)
+            assert s["int8"] > s["int8+selective"] > s["int8+full"], (cp, n, s)
+        # the saved bytes are linear in a rank's tokens
+        for p in ("int8", "full"):
+            assert abs(saved[(p, cp, 1024)] - 2 * saved[(p, cp, 512)]) <= 0.02 * saved[(p, cp, 1024)]
+    # CP=1 (dense attention): the planner predicts what the store counts
+    for r in rows:
+        if r["cp"] == 1:
+            assert abs(r["model_saved_bytes"] - r["saved_bytes"]) <= 0.05 * r["saved_bytes"], r
+    fits = {(f["policy"], f["cp"]): f for f in got["fits"]}
+    assert fits[("int8+full", 2)]["planner"] > fits[("none", 1)]["planner"] > 0
+    # the measured check of that length (at the quick budget it normally runs; whether it
+    # does depends on timing, which is not asserted)
+    check = got["check"]
+    assert check["length"] == fits[("int8+full", 2)]["planner"] and check["error"] is None
+    assert check["peak_mib"] > 0 if check["ran"] else check["estimate_s"] > 60
+    assert "int8 vs none: activation-memory cut" in text and "Method:" in text

@@ -231,7 +231,8 @@ def test_memory_auto_picks_the_fastest_policy_that_fits() -> None:
     cfg.data.seq_len = 8192
     table = {e.policy.name: e for e in estimates(cfg, on_gpu=False)}
     assert set(table) == {"none", "int8", "selective", "int8+selective", "full", "int8+full"}
-    assert table["int8"].activations < 0.45 * table["none"].activations + table["none"].static
+    acts = [table[n].activations for n in ("none", "selective", "int8", "int8+full")]
+    assert acts == sorted(acts, reverse=True), acts
     big = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget_gib=1000.0))
     chosen, report = choose(big, on_gpu=False)
     assert chosen.memory.activations == "none" and chosen.memory.checkpointing == "none"

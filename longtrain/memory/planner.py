@@ -20,11 +20,18 @@ Saved for the backward per token and softmax layer (what `ActivationStore` count
 | RMSNorm rstd (2) | 8 | 8 | 8 | - |
 
 A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
-2q more); `full` recomputes one layer at a time, so one layer of the `none` column is added
-as the backward's transient. Outside the layers: the final norm and head inputs (2H, int8
-too) and the logits with their float32 copy for the loss ((e + 4) V). The model ignores the attention
-backends' transients (a ring step's K/V in flight, a block of scores), which are per layer
-and small next to L layers of saved tensors at long context.
+2q more). Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
+with their float32 copy for the loss ((e + 4) V).
+
+The peak comes in the backward, above what is saved, by a working set measured in units of
+one layer's `none` column (L1): the backward of a layer holds activation gradients and
+intermediates (BACKWARD_LAYERS x L1), `full` recomputes one whole layer (+1 L1), and int8
+dequantizes a layer's saved tensors as its ops run backward (+INT8_DEQUANT_LAYERS x L1).
+These constants were fitted to the measured peaks of benchmarks/memory.py (T 2K-8K, CP 1 and
+2) and rounded up: the modelled peak is above every measured one there, by 0-15% at 8K
+tokens and by up to 27% at 2K. The attention
+backends' own transients (a ring step's K/V in flight, a block of scores) are part of that
+working set.
 
 Step-time cost of a policy, relative to none: recomputation from FLOPs (selective adds the
 attention forward, full the whole forward) over 3x the forward, int8 a measured few per cent
@@ -39,9 +46,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 GIB = float(1 << 30)
-# int8 storage's step-time overhead (quantize at save, dequantize at use), from
-# benchmarks/memory.py on this project's CPU runs; used only to rank policies
+# int8 storage's step-time overhead (quantize at save, dequantize at use): +3% to +11% in
+# benchmarks/memory.py on CPU; used only to rank policies
 INT8_OVERHEAD = 0.06
+# the backward's working set above the saved tensors, in layers of `none` activations (see
+# the module docstring)
+BACKWARD_LAYERS = 1.0
+INT8_DEQUANT_LAYERS = 0.5
 
 
 @dataclass(frozen=True)
@@ -124,15 +135,18 @@ def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> 
 
 def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     """Bytes per rank for one micro-batch in flight: 'layers' (saved by the decoder layers),
-    'transient' (one layer recomputed under full), 'final' (the final norm and head inputs),
+    'transient' (the backward's working set), 'final' (the final norm and head inputs),
     'logits' (the logits and the loss's float32 copy) and their 'total'."""
     softmax = s.layers - s.linear_layers
     per_token = (softmax * layer_bytes_per_token(s, policy)
                  + s.linear_layers * layer_bytes_per_token(s, policy, linear=True))
-    transient = 0.0
+    one_layer = layer_bytes_per_token(s, Policy("none", "none"),
+                                      linear=s.linear_layers == s.layers)
+    transient = BACKWARD_LAYERS * one_layer
     if policy.checkpointing == "full":
-        transient = layer_bytes_per_token(s, Policy("none", "none"),
-                                          linear=s.linear_layers == s.layers)
+        transient += one_layer
+    elif policy.activations == "int8":
+        transient += INT8_DEQUANT_LAYERS * one_layer
     stored = 1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem
     out = {"layers": per_token * s.tokens, "transient": transient * s.tokens,
            "final": (2 * s.hidden * stored + 4) * s.tokens,

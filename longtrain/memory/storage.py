@@ -48,7 +48,9 @@ class StoreStats:
     host_bytes: int = 0
     quantized_tensors: int = 0
     kept_tensors: int = 0
-    _storages: set = field(default_factory=set, repr=False)
+    # storage key -> a weak reference to a tensor on it: a key whose tensor died (a quantized
+    # original freed) may be reused by a new storage at the same address, which counts anew
+    _storages: dict = field(default_factory=dict, repr=False)
     _kept: set = field(default_factory=set, repr=False)
 
 
@@ -202,8 +204,9 @@ class ActivationStore:
     def _pack(self, x: torch.Tensor, pred: Callable[[torch.Tensor], bool]) -> Any:
         stats = self.stats
         key = _storage_key(x)
-        if key not in stats._storages:
-            stats._storages.add(key)
+        seen = stats._storages.get(key)
+        if seen is None or seen() is None:
+            stats._storages[key] = weakref.ref(x)
             stats.raw_bytes += key[1]
         offload = self.offload and x.is_cuda
         if key[0] in self._shared:
