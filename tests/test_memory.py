@@ -346,3 +346,26 @@ def test_preflight_warns_when_the_policy_cannot_fit() -> None:
     assert warning is not None and "memory none" in warning and "would pick int8" in warning
     cfg.memory.activations = "int8"
     assert over_budget_warning(cfg, on_gpu=False) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload moves CUDA tensors to host")
+@pytest.mark.parametrize("int8", [False, True])
+def test_offload_keeps_saved_tensors_on_the_host_with_the_same_gradients(int8) -> None:
+    from longtrain.memory import ActivationStore
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(256, 256, device="cuda", generator=gen))
+    x0 = torch.randn(8, 512, 256, device="cuda", generator=gen)
+    grads = []
+    for offload in (False, True):
+        store = ActivationStore(int8=int8, offload=offload, params=[w])
+        x = x0.clone().requires_grad_()
+        with store.forward() as stats:
+            y = torch.nn.functional.silu(x @ w) * x
+        w.grad = None
+        y.square().sum().backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+        if offload:
+            assert stats.host_bytes > 0 and stats.device_bytes < stats.host_bytes, stats
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
