@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -142,16 +142,24 @@ def _fwd_bwd(runtime, backend: str, qkvd_bthd: list[torch.Tensor], causal: bool
             yield step
         return
 
-    from longtrain.attention.base import AttentionContext, AttentionMeta, get_attention
-    from longtrain.parallel.layout import split_for_cp
+    from longtrain.attention.base import AttentionMeta, get_attention
 
     attn = get_attention(backend)
-    meta = AttentionMeta(causal=causal)
-    if backend == "dense":
-        # rank 0 alone, with every core; the other ranks wait at the next barrier
+    yield attention_step(attn, runtime, qkvd_bthd, AttentionMeta(causal=causal),
+                         alone=backend == "dense")
+
+
+def attention_step(attn, runtime, qkvd_bthd: list[torch.Tensor], meta, *, alone: bool
+                   ) -> Callable[[], None]:
+    """A callable running one fwd+bwd of `attn` (an attention.base function): rank 0 alone
+    with every core (`alone`; the other ranks get a no-op and wait at the next barrier), or
+    every rank on its zigzag CP shard of q, k, v, dout [B, T, H, D]."""
+    from longtrain.attention.base import AttentionContext
+    from longtrain.parallel.layout import split_for_cp
+
+    if alone:
         if runtime.cp_rank != 0:
-            yield lambda: None
-            return
+            return lambda: None
         threads = torch.get_num_threads()
         q, k, v, dout = qkvd_bthd
         ctx = AttentionContext()
@@ -164,19 +172,17 @@ def _fwd_bwd(runtime, backend: str, qkvd_bthd: list[torch.Tensor], causal: bool
             finally:
                 torch.set_num_threads(threads)
 
-        yield step
-        return
-
+        return step
     cp, rank = runtime.dims.cp, runtime.cp_rank
     ctx = AttentionContext(cp_group=runtime.cp_group, cp_size=cp, cp_rank=rank)
     q, k, v, dout = (split_for_cp(x, cp_size=cp, cp_rank=rank, dim=1).contiguous()
                      for x in qkvd_bthd)
 
-    def step() -> None:
+    def sharded() -> None:
         ins = [x.detach().requires_grad_() for x in (q, k, v)]
         attn(*ins, meta, ctx).backward(dout)
 
-    yield step
+    return sharded
 
 
 def _timed(step: Callable[[], None]) -> tuple[float, float]:
@@ -255,22 +261,29 @@ def _worker(runtime, backends: list[str], lengths: list[int], prob: Problem,
             json.dump([asdict(r) for r in rows], f)
 
 
-def run_backends(backends: list[str], lengths: list[int], prob: Problem, *, cp: int = CP
-                 ) -> list[Row]:
-    """Run `backends` in one world of `cp` processes x 1 thread (dense: rank 0 alone)."""
+def run_in_world(worker, args: tuple, *, cp: int) -> tuple[Any, Optional[str]]:
+    """Run `worker(runtime, *args, path)` in one world of `cp` gloo processes x 1 thread:
+    (the JSON it wrote at `path`, None), or (None, why) when the world crashed."""
     from longtrain.parallel.spawn import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="longtrain-bench-") as tmp:
         path = os.path.join(tmp, "rows.json")
         try:
-            run_distributed(_worker, world_size=cp, cp=cp, threads=1,
-                            args=(backends, lengths, prob, path))
+            run_distributed(worker, world_size=cp, cp=cp, threads=1, args=(*args, path))
             with open(path) as f:
-                return [Row(**r) for r in json.load(f)]
+                return json.load(f), None
         except Exception as exc:  # noqa: BLE001 - a crashed world becomes n/a rows
-            why = _reason(exc)
-            return [Row(n, b, 1 if b == "dense" else cp, error=why)
-                    for b in backends for n in lengths]
+            return None, _reason(exc)
+
+
+def run_backends(backends: list[str], lengths: list[int], prob: Problem, *, cp: int = CP
+                 ) -> list[Row]:
+    """Run `backends` in one world of `cp` processes x 1 thread (dense: rank 0 alone)."""
+    got, why = run_in_world(_worker, (backends, lengths, prob), cp=cp)
+    if why is not None:
+        return [Row(n, b, 1 if b == "dense" else cp, error=why)
+                for b in backends for n in lengths]
+    return [Row(**r) for r in got]
 
 
 def sent_mib(backend: str, *, length: int, heads: int, head_dim: int, elt_bytes: int,

@@ -18,16 +18,16 @@ import inspect
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.attention import (Problem, _agreed_error, _fwd_bwd, _reason, _timed, machine,
-                                  sent_mib)
-from benchmarks.report import add_output_args, argument_parser, command_line, join_section, replace_section
+from benchmarks.attention import (Problem, _agreed_error, _fwd_bwd, _timed, machine,
+                                  run_in_world, sent_mib)
+from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
+                               replace_section)
 
 CP = 4
 METHODS = ("lasp1", "lasp2", "ring")
@@ -272,18 +272,10 @@ def _worker(runtime: Any, lengths: list[int], prob: Problem, result_path: str) -
 
 def run_methods(lengths: list[int], prob: Problem, *, cp: int) -> list[Row]:
     """Measure every method at every length in one world of `cp` processes x 1 thread."""
-    from longtrain.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="longtrain-bench-") as tmp:
-        path = os.path.join(tmp, "rows.json")
-        try:
-            run_distributed(_worker, world_size=cp, cp=cp, threads=1,
-                            args=(lengths, prob, path))
-            with open(path) as f:
-                return [Row(**r) for r in json.load(f)]
-        except Exception as exc:  # noqa: BLE001 - a crashed world becomes n/a rows
-            why = _reason(exc)
-            return [Row(n, m, error=why) for n in lengths for m in METHODS]
+    got, why = run_in_world(_worker, (lengths, prob), cp=cp)
+    if why is not None:
+        return [Row(n, m, error=why) for n in lengths for m in METHODS]
+    return [Row(**r) for r in got]
 
 
 def _bytes(n: float) -> str:

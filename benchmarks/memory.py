@@ -20,16 +20,16 @@ import gc
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.attention import _agreed_error, _pin_mmap_threshold, _reason, _timed, machine
+from benchmarks.attention import _agreed_error, _pin_mmap_threshold, _timed, machine, run_in_world
 from benchmarks.lasp import _fmt_ratio, time_rotating
-from benchmarks.report import add_output_args, argument_parser, command_line, join_section, replace_section
+from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
+                               replace_section)
 from benchmarks.s2 import _steady_heap
 
 CP = 2
@@ -350,18 +350,9 @@ def run_world(cp: int, lengths: list[int], reps: int, check_length: int = 0
               ) -> tuple[list[Row], Optional[Check]]:
     """Every policy at every length in one world of `cp` processes (CP=1: 1 process x every
     core; else `cp` x 1 thread)."""
-    from longtrain.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="longtrain-bench-") as tmp:
-        path = os.path.join(tmp, "rows.json")
-        try:
-            run_distributed(_worker, world_size=cp, cp=cp, threads=1,
-                            args=(lengths, reps, check_length, path))
-            with open(path) as f:
-                got = json.load(f)
-        except Exception as exc:  # noqa: BLE001 - a crashed world becomes n/a rows
-            why = _reason(exc)
-            return [Row(n, cp, policy_name(*p), error=why) for n in lengths for p in POLICIES], None
+    got, why = run_in_world(_worker, (lengths, reps, check_length), cp=cp)
+    if why is not None:
+        return [Row(n, cp, policy_name(*p), error=why) for n in lengths for p in POLICIES], None
     rows = [Row(**r) for r in got["rows"]]
     for r in rows:
         policy = next(p for p in POLICIES if policy_name(*p) == r.policy)

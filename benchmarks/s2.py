@@ -18,17 +18,17 @@ import datetime
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.attention import (_agreed_error, _fwd_bwd, _pin_mmap_threshold, _reason,
-                                  _timed, machine, sent_mib)
+from benchmarks.attention import (_agreed_error, _fwd_bwd, _pin_mmap_threshold, _timed,
+                                  attention_step, machine, run_in_world, sent_mib)
 from benchmarks.lasp import _bytes, counting_sends, sent_per_rank, time_rotating
-from benchmarks.report import add_output_args, argument_parser, command_line, join_section, replace_section
+from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
+                               replace_section)
 
 CP = 2
 METHODS = ("dense", "s2", "ring", "s2 cp2")
@@ -137,38 +137,11 @@ def _s2_step(runtime: Any, qkvd_bthd: list[torch.Tensor], prob: Problem, *, cp: 
              ) -> Callable[[], None]:
     """A callable running one fwd+bwd of s2 attention: rank 0 alone on every core (cp=False)
     or every rank on its zigzag shard (cp=True)."""
-    from longtrain.attention.base import AttentionContext, AttentionMeta
+    from longtrain.attention.base import AttentionMeta
     from longtrain.attention.s2 import make_s2_attention
-    from longtrain.parallel.layout import split_for_cp
 
-    attn = make_s2_attention(prob.pattern())
-    meta = AttentionMeta()
-    if not cp:
-        if runtime.cp_rank != 0:
-            return lambda: None
-        q, k, v, dout = qkvd_bthd
-        ctx = AttentionContext()
-        threads = torch.get_num_threads()
-
-        def alone() -> None:
-            torch.set_num_threads(os.cpu_count() or 1)
-            try:
-                ins = [x.detach().requires_grad_() for x in (q, k, v)]
-                attn(*ins, meta, ctx).backward(dout)
-            finally:
-                torch.set_num_threads(threads)
-
-        return alone
-    size, rank = runtime.dims.cp, runtime.cp_rank
-    ctx = AttentionContext(cp_group=runtime.cp_group, cp_size=size, cp_rank=rank)
-    q, k, v, dout = (split_for_cp(x, cp_size=size, cp_rank=rank, dim=1).contiguous()
-                     for x in qkvd_bthd)
-
-    def sharded() -> None:
-        ins = [x.detach().requires_grad_() for x in (q, k, v)]
-        attn(*ins, meta, ctx).backward(dout)
-
-    return sharded
+    return attention_step(make_s2_attention(prob.pattern()), runtime, qkvd_bthd,
+                          AttentionMeta(), alone=not cp)
 
 
 def _step(stack: contextlib.ExitStack, runtime: Any, method: str, qkvd: list[torch.Tensor],
@@ -280,18 +253,10 @@ def _worker(runtime: Any, lengths: list[int], prob: Problem, result_path: str) -
 
 def run_methods(lengths: list[int], prob: Problem) -> list[Row]:
     """Measure every method at every length in one world of 2 processes x 1 thread."""
-    from longtrain.parallel.spawn import run_distributed
-
-    with tempfile.TemporaryDirectory(prefix="longtrain-bench-") as tmp:
-        path = os.path.join(tmp, "rows.json")
-        try:
-            run_distributed(_worker, world_size=CP, cp=CP, threads=1,
-                            args=(lengths, prob, path))
-            with open(path) as f:
-                return [Row(**r) for r in json.load(f)]
-        except Exception as exc:  # noqa: BLE001 - a crashed world becomes n/a rows
-            why = _reason(exc)
-            return [Row(n, m, error=why) for n in lengths for m in METHODS]
+    got, why = run_in_world(_worker, (lengths, prob), cp=CP)
+    if why is not None:
+        return [Row(n, m, error=why) for n in lengths for m in METHODS]
+    return [Row(**r) for r in got]
 
 
 def kv_shard_bytes(length: int, prob: Problem) -> int:

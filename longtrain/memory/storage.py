@@ -244,11 +244,4 @@ def store_for(memory_cfg: Any, params: Iterable[torch.Tensor]) -> ActivationStor
                            group_size=memory_cfg.group_size, params=params)
 
 
-def describe(stats: StoreStats) -> str:
-    mib = 1 << 20
-    return (f"saved activations {stats.raw_bytes / mib:.1f} MiB as computed -> "
-            f"{stats.device_bytes / mib:.1f} MiB on device + {stats.host_bytes / mib:.1f} MiB "
-            f"on host ({stats.quantized_tensors} tensors int8, {stats.kept_tensors} kept)")
-
-
-__all__ = ["ActivationStore", "StoreStats", "describe", "null_store", "store_for"]
+__all__ = ["ActivationStore", "StoreStats", "null_store", "store_for"]

@@ -180,6 +180,16 @@ def _heads(qkv_btx: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, ...]:
             v.view(b, t, s.local_kv_heads, d))
 
 
+def _core_attention(module: nn.Module, core, q_bthd: torch.Tensor, k_bthd: torch.Tensor,
+                    v_bthd: torch.Tensor) -> torch.Tensor:
+    """core(q, k, v) under the module's memory policy: inside the store's attention rule (only
+    head-dim tensors are quantized), recomputed in the backward when `recompute_core`."""
+    with module.store.attention(q_bthd.shape[-1]):
+        if module.recompute_core:
+            return checkpointed(core, q_bthd, k_bthd, v_bthd)
+        return core(q_bthd, k_bthd, v_bthd)
+
+
 class Attention(nn.Module):
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
                  tp_rank: int = 0) -> None:
@@ -210,10 +220,8 @@ class Attention(nn.Module):
         k_bthd = apply_rotary(k, cos_btd, sin_btd)
         if self.head_offset:
             meta = dataclasses.replace(meta, head_offset=self.head_offset)
-        core = lambda q_, k_, v_: self.attention(q_, k_, v_, meta, ctx)  # noqa: E731
-        with self.store.attention(d):
-            o_bthd = checkpointed(core, q_bthd, k_bthd, v_bthd) if self.recompute_core else \
-                core(q_bthd, k_bthd, v_bthd)
+        o_bthd = _core_attention(self, lambda q_, k_, v_: self.attention(q_, k_, v_, meta, ctx),
+                                 q_bthd, k_bthd, v_bthd)
         if self.parity_armed:
             from longtrain.attention.canary import check_parity
 
@@ -266,11 +274,9 @@ class LinearAttention(nn.Module):
         q_bthd = self.feature_map(q) * s.head_dim ** -0.5
         k_bthd = self.feature_map(k).repeat_interleave(group, 2)
         v_bthd = v.repeat_interleave(group, 2)
-        core = lambda q_, k_, v_: self.linear_attention(  # noqa: E731
-            q_, k_, v_, self.log_decay, meta, ctx)
-        with self.store.attention(s.head_dim):
-            o_bthd = checkpointed(core, q_bthd, k_bthd, v_bthd) if self.recompute_core else \
-                core(q_bthd, k_bthd, v_bthd)
+        o_bthd = _core_attention(
+            self, lambda q_, k_, v_: self.linear_attention(q_, k_, v_, self.log_decay, meta, ctx),
+            q_bthd, k_bthd, v_bthd)
         o32 = o_bthd.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + s.cfg.norm_eps)
         gate, _ = self.gate(x_bth)
