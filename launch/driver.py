@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -68,6 +69,29 @@ class _StopSignals:
         handler = self.previous.get(self.received) if self.received else None
         if callable(handler):
             handler(self.received, None)
+
+
+class Reporter:
+    """Rank 0's metrics, as they arrive on the driver: into the run summary, the progress
+    bar and W&B; the first non-finite loss raises a W&B alert (and a console line)."""
+
+    def __init__(self, wandb_run: Any, progress: Progress,
+                 summary: Optional[RunSummary] = None) -> None:
+        self.wandb_run, self.progress = wandb_run, progress
+        self.summary = summary if summary is not None else RunSummary()
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        self.summary.add(metrics)
+        self.progress.update(metrics)
+        self.wandb_run.log(metrics, step=int(metrics["step"]))
+        bad = self.summary.nonfinite_steps
+        if len(bad) == 1 and bad[0] == int(metrics["step"]):
+            message = (f"loss {float(metrics['loss'])} at step {metrics['step']} (grad norm "
+                       f"{float(metrics['grad_norm'])}, lr {float(metrics['lr']):.3g}); later "
+                       f"non-finite steps are counted in the summary, not alerted")
+            get_logger().warning("non-finite %s", message)
+            print(f"longtrain: non-finite {message}", file=sys.stderr, flush=True)
+            self.wandb_run.alert("non-finite loss", message)
 
 
 def _restartable(exc: BaseException) -> bool:
@@ -132,9 +156,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     restarts = 0
 
     def on_metrics(metrics: dict[str, Any]) -> None:
-        summary.add(metrics)
-        progress.update(metrics)
-        wandb_run.log(metrics, step=int(metrics["step"]))
+        reporter(metrics)
         if metrics.get("stopped"):
             stopped_at.append(int(metrics["step"]))
 
@@ -142,6 +164,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     try:
         wandb_run = WandbRun(cfg.logging.wandb, config=dataclasses.asdict(cfg),
                              output_dir=cfg.output_dir)
+        reporter = Reporter(wandb_run, progress, summary)
         with stop:
             while True:
                 try:

@@ -84,11 +84,13 @@ def test_impossible_layout_fails_before_any_worker(tmp_path):
 @pytest.mark.slow
 def test_short_run_through_ray_with_two_workers(tmp_path):
     out = tmp_path / "run"
+    secret = "lt-env-secret-9f8e7d6c5b4a"
     res = _cli("train.steps=40", "data.seq_len=256", "data.batch_size=4", "optim.warmup_steps=5",
-               "logging.progress=false", f"output_dir={out}", timeout=600)
+               "logging.progress=false", f"output_dir={out}", "logging.wandb.name=smoke",
+               "logging.wandb.tags=[ci]", timeout=600, env={"WANDB_API_KEY": secret})
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout
-    assert "longtrain run summary" in summary
+    assert "longtrain run summary" in summary and "MFU" in summary
     start, end = map(float, re.search(r"loss\s+([\d.]+) -> ([\d.]+)", summary).groups())
     assert end < start * 0.8, summary
     # one log file per rank, with the rank in every line
@@ -96,10 +98,21 @@ def test_short_run_through_ray_with_two_workers(tmp_path):
         text = (out / "logs" / f"rank{rank}.log").read_text()
         assert f"[rank {rank}]" in text and "step 40" in text
     # W&B offline run with the config and the loss history
-    runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert len(runs) == 1
-    blob = open(runs[0], "rb").read()
-    assert b"train/loss" in blob and b"seq_len" in blob
+    from longtrain.observability.wandb_files import read_offline_run
+
+    run = read_offline_run(str(out))
+    assert run.name == "smoke" and run.tags == ["ci"]
+    assert run.config["train"]["steps"] == 40 and run.config["data"]["seq_len"] == 256
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tflops", "seq_len",
+                "mem_peak_gib_max", "mem_peak_gib_min", "mem_peak_gib_mean", "comm_exposed_s",
+                "comm_dp_s", "data_wait_s"):
+        values = run.series(f"train/{key}")
+        assert len(values) == 40, key
+    assert all(0 < v < 1 for v in run.series("train/mfu"))
+    assert run.summary["steps"] == 40 and not run.alerts
+    for path in glob.glob(str(out / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            assert secret.encode() not in open(path, "rb").read(), path
     # final weights load in transformers
     from transformers import AutoModelForCausalLM
 

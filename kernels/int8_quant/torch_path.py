@@ -24,7 +24,10 @@ def quantize_torch(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     groups_ng = work.view(n_groups, group_size)
     # max |x| = max(|max x|, |min x|): one pass, no full-size abs() temporary.
     lo, hi = torch.aminmax(groups_ng, dim=1)
-    scale = torch.maximum(hi.abs_(), lo.abs_()).div_(127)
+    # Divide by a 127 *tensor*: CUDA turns division by a Python scalar into a multiplication
+    # by its reciprocal, which is not the correctly rounded quotient the kernel computes.
+    scale = torch.maximum(hi.abs_(), lo.abs_()).div_(
+        torch.full((), 127.0, dtype=torch.float32, device=x.device))
     # An all-zero group has scale 0: divide it by 1 instead, giving q = 0 (not NaN).
     divisor = torch.where(scale > 0, scale, 1.0)
     groups_ng.div_(divisor[:, None]).round_().clamp_(-127, 127)

@@ -285,9 +285,10 @@ def _lasp(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o, m = _lightning(qc, kc, vc, log_decay, dc)
         intra.append(o)
         states.append(m.to(dt))
+        if pending is not None:
+            # this chunk's state travels while the next chunk's attention computes
+            pending.add(states[-1].detach()[None])
     m_local = torch.stack(states)
-    if pending is not None:
-        pending.add(m_local.detach())
     if pending is not None:
         s_local = _Lasp2States.apply(m_local, pending, carry, decay_l, ids, ctx)
     else:

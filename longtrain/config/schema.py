@@ -16,20 +16,32 @@ from typing import Any, Dict, List, Optional
 class ModelConfig:
     """Llama-family decoder shape. Defaults are the `tiny` preset."""
 
+    # a label for logs and the --check report (the `model=` preset sets it)
     name: str = "tiny"
+    # embedding rows; at least the tokenizer's vocabulary (data.tokenizer)
     vocab_size: int = 512
+    # model width
     hidden_size: int = 128
+    # width of the SwiGLU MLP
     intermediate_size: int = 384
+    # decoder layers
     num_layers: int = 4
+    # query heads; parallel.tp must divide them
     num_heads: int = 4
+    # key/value heads (GQA: num_heads is a multiple); parallel.tp must divide them
     num_kv_heads: int = 2
     # None -> hidden_size // num_heads
     head_dim: Optional[int] = None
+    # RMSNorm epsilon
     norm_eps: float = 1e-5
+    # the output head reuses the input embedding matrix
     tie_embeddings: bool = False
     # Qwen2-style biases on the q/k/v projections
     qkv_bias: bool = False
+    # the context length the model claims (a schedule, or an extension with a rope.scaling,
+    # raises it to the longest training length)
     max_position_embeddings: int = 4096
+    # std of the normal weight initialization of a model trained from scratch
     init_std: float = 0.02
     # Per-layer attention kind, repeated over the layers: L = linear (lightning attention),
     # S = softmax, e.g. "LLLS"; or a linear:softmax ratio, "3:1" = "LLLS", "7:1". Empty: every
@@ -38,6 +50,7 @@ class ModelConfig:
     # linear layers: feature map on q and k (silu | elu1 | identity) and per-head decay
     # (slopes: lambda_h = exp(-2^(-8(h+1)/H)) as Lightning Attention; none: no decay)
     linear_feature_map: str = "silu"
+    # slopes | none (see linear_feature_map)
     linear_decay: str = "slopes"
 
 
@@ -57,6 +70,7 @@ class S2Config:
     num_dense_heads: int = 0
     # dense layers: the first `dense_first`, and every `dense_every`-th (0: none)
     dense_first: int = 2
+    # see dense_first
     dense_every: int = 4
 
 
@@ -69,6 +83,7 @@ class AttentionConfig:
     # with backend=lasp1|lasp2, the softmax layers of a hybrid model (model.layer_pattern):
     # allgather (LASP-2H) | ring | dense (cp=1 only)
     softmax: str = "allgather"
+    # the block-sparse pattern of backend=s2
     s2: S2Config = field(default_factory=S2Config)
     # ulysses_ring: size of the all-to-all (head) dimension; the ring spans cp / ulysses_degree.
     # 0 -> ulysses: all of cp; ulysses_ring: 2.
@@ -84,8 +99,11 @@ class AttentionConfig:
 class ParallelConfig:
     """Degrees of parallelism; data parallel is derived: dp = world_size / (tp * cp)."""
 
+    # ranks (Ray worker actors) in total
     world_size: int = 2
+    # tensor-parallel degree: splits heads and the MLP (megatron-core layers)
     tp: int = 1
+    # context-parallel degree: splits the sequence (attention.backend must support it)
     cp: int = 1
     # auto -> nccl when CUDA is available, else gloo
     backend: str = "auto"
@@ -100,19 +118,29 @@ class RopeConfig:
 
     # none | linear | dynamic_ntk | yarn | llama3 | abf | entropy_abf
     scaling: str = "none"
+    # RoPE base
     theta: float = 10000.0
+    # context-extension factor of linear, dynamic_ntk, yarn and llama3
     factor: float = 1.0
     # Training length of the checkpoint being extended; None -> model.max_position_embeddings
     original_max_position_embeddings: Optional[int] = None
-    # YaRN
+    # YaRN: dimensions turning more than beta_fast times over the original length keep their
+    # frequency, those turning fewer than beta_slow times are interpolated by `factor`, a ramp
+    # in between
     beta_fast: float = 32.0
+    # see beta_fast
     beta_slow: float = 1.0
+    # YaRN: attention scale; None -> 0.1 * ln(factor) + 1, or the ratio of the mscales
     attention_factor: Optional[float] = None
+    # YaRN, DeepSeek-style configs: with mscale_all_dim, sets the attention scale
     mscale: Optional[float] = None
+    # see mscale
     mscale_all_dim: Optional[float] = None
+    # YaRN: round the ramp's ends to whole dimensions (transformers' `truncate`)
     truncate: bool = True
-    # llama3
+    # llama3: wavelengths beyond original / low_freq_factor are divided by `factor` ...
     low_freq_factor: float = 1.0
+    # llama3: ... those below original / high_freq_factor are kept; in between, blended
     high_freq_factor: float = 4.0
     # entropy_abf: the first this-many layers keep unscaled queries (the paper leaves 2)
     entropy_unscaled_layers: int = 2
@@ -120,16 +148,23 @@ class RopeConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw (the only optimizer)
     name: str = "adamw"
+    # peak learning rate, reached after warmup_steps
     lr: float = 3e-3
     # Cosine decays to lr * min_lr_ratio.
     min_lr_ratio: float = 0.1
+    # linear warmup from 0 to lr
     warmup_steps: int = 20
     # cosine | constant
     schedule: str = "cosine"
+    # AdamW's decoupled weight decay, its betas and epsilon
     weight_decay: float = 0.1
+    # see weight_decay
     beta1: float = 0.9
+    # see weight_decay
     beta2: float = 0.95
+    # see weight_decay
     eps: float = 1e-8
     # 0 disables clipping
     grad_clip: float = 1.0
@@ -143,9 +178,11 @@ class DataConfig:
     source: str = "synthetic"
     # synthetic task: passkey | multikey_needle | assoc_recall
     task: str = "passkey"
+    # tokens per training sequence (a multiple of 2 * parallel.cp)
     seq_len: int = 1024
     # Global batch in sequences; split over DP ranks and micro-batches (gradient accumulation).
     batch_size: int = 4
+    # sequences per forward/backward on each DP rank
     micro_batch_size: int = 1
     # Document shuffle, upsampling draws, synthetic samples and the order of later epochs.
     seed: int = 0
@@ -157,7 +194,9 @@ class DataConfig:
     path: Optional[str] = None
     # hf: a dataset name on the hub (or a local dataset directory), its subset and split
     name: Optional[str] = None
+    # see name
     subset: Optional[str] = None
+    # see name
     split: str = "train"
     # the record field holding the document text
     text_field: str = "text"
@@ -174,6 +213,7 @@ class DataConfig:
     num_proc: Optional[int] = None
     # wrap every document as [BOS] tokens [EOS] (skipped if the tokenizer has no such token)
     add_bos: bool = True
+    # see add_bos
     add_eos: bool = True
     # shuffle documents (with data.seed) before packing
     shuffle: bool = True
@@ -182,6 +222,7 @@ class DataConfig:
     # the others, and the domain keeps its token count (so the domain mix is unchanged).
     # 0 disables.
     upsample_threshold: int = 0
+    # see upsample_threshold
     upsample_factor: float = 1.0
     # where tokenized and packed corpora are cached (shared by every rank and node);
     # None: $XDG_CACHE_HOME/longtrain/data (~/.cache/longtrain/data)
@@ -200,7 +241,9 @@ class DataConfig:
 class StageConfig:
     """One stage of a progressive length schedule (`train.schedule`)."""
 
+    # the stage's sequence length
     seq_len: int = 1024
+    # steps trained in the stage
     steps: int = 100
     # None: keep parallel.cp; a stage may grow CP (data parallelism shrinks to match)
     cp: Optional[int] = None
@@ -214,6 +257,7 @@ class TrainConfig:
     steps: int = 300
     # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
     precision: str = "fp32"
+    # torch's seed: the initial weights of a model trained from scratch
     seed: int = 1234
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
     save_hf: bool = True
@@ -245,9 +289,12 @@ class CheckpointConfig:
 class LauncherConfig:
     # local: embedded Ray on this machine; ray: join an existing cluster at `address`
     kind: str = "local"
+    # kind=ray: the head's <host>:<port>, or auto (a cluster started on this machine with
+    # `ray start`)
     address: Optional[str] = None
     # CPU slots per worker actor (and GPUs per worker when CUDA is used)
     cpus_per_worker: int = 1
+    # see cpus_per_worker (0: no GPU)
     gpus_per_worker: int = 0
     # Seconds the driver waits for the worker group before giving up.
     timeout_s: int = 3600
@@ -260,19 +307,29 @@ class LauncherConfig:
 class WandbConfig:
     # online | offline | disabled
     mode: str = "offline"
+    # W&B project
     project: str = "longtrain"
+    # team or user; None: the logged-in user's default
     entity: Optional[str] = None
+    # display name; None: W&B picks one
     name: Optional[str] = None
+    # groups runs in the W&B UI (e.g. the runs of a sweep)
     group: Optional[str] = None
+    # labels to filter runs by, e.g. logging.wandb.tags=[extend,yarn]
     tags: List[str] = field(default_factory=list)
 
 
 @dataclass
 class LoggingConfig:
+    # Weights & Biases
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # log metrics every N steps
     every: int = 1
+    # the console progress bar on the driver
     progress: bool = True
+    # per-device peak (TFLOP/s) that MFU is measured against; None: a GEMM in the training
+    # dtype is timed on every device at start (the peak this hardware reaches in practice)
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -287,11 +344,13 @@ class MemoryConfig:
     checkpointing: str = "none"
     # saved activations go to pinned host memory, asynchronously (GPU; nothing to do on CPU)
     offload: bool = False
+    # values per int8 scale (a power of two in [16, 4096])
     group_size: int = 64
     # memory=auto: choose the cheapest policy whose estimate fits `budget_gib` per device
     # (None: the device's memory); the choice and the candidates are printed. Otherwise the
     # pre-flight check warns when the configured policy's estimate exceeds it.
     auto: bool = False
+    # GiB per device
     budget_gib: Optional[float] = None
 
 

@@ -226,6 +226,9 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"parallel.timeout_s={cfg.parallel.timeout_s} must be >= 1")
     if cfg.logging.every < 1:
         out.append(f"logging.every={cfg.logging.every} must be >= 1")
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        out.append(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null: "
+                   f"measured at start)")
     unknown_init = sorted(set(cfg.init) - {"from", "required"})
     if unknown_init:
         out.append(f"init.{unknown_init[0]} is not a known field (init has: from, required)")

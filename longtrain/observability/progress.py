@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -12,12 +13,24 @@ class RunSummary:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
+    mfu: list[float] = field(default_factory=list)
+    comm_frac: list[float] = field(default_factory=list)
+    mem_peak_gib: float = 0.0
+    peak_tflops: float = float("nan")
+    nonfinite_steps: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
 
     def add(self, metrics: dict[str, Any]) -> None:
         self.steps = int(metrics["step"])
         self.losses.append(float(metrics["loss"]))
+        if not math.isfinite(self.losses[-1]):
+            self.nonfinite_steps.append(self.steps)
         self.tokens_per_s.append(float(metrics["tokens_per_s"]))
+        if "mfu" in metrics:
+            self.mfu.append(float(metrics["mfu"]))
+            self.comm_frac.append(float(metrics["comm_exposed_frac"]))
+            self.mem_peak_gib = max(self.mem_peak_gib, float(metrics["mem_peak_gib_max"]))
+            self.peak_tflops = float(metrics["peak_tflops"])
 
     def _mean(self, values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
@@ -26,6 +39,7 @@ class RunSummary:
         k = max(1, min(10, len(self.losses) // 4))
         # The first steps pay for warm-up (allocations, first collectives): skip them.
         steady = self.tokens_per_s[min(len(self.tokens_per_s) - 1, 3):] if self.tokens_per_s else []
+        skip = min(len(self.mfu) - 1, 3) if self.mfu else 0
         return {
             "steps": self.steps,
             "loss_first": self.losses[0] if self.losses else float("nan"),
@@ -33,6 +47,11 @@ class RunSummary:
             "loss_start_mean": self._mean(self.losses[:k]),
             "loss_end_mean": self._mean(self.losses[-k:]),
             "tokens_per_s": self._mean(steady),
+            "mfu": self._mean(self.mfu[skip:]),
+            "comm_exposed_frac": self._mean(self.comm_frac[skip:]),
+            "mem_peak_gib_max": self.mem_peak_gib,
+            "peak_tflops": self.peak_tflops,
+            "nonfinite_steps": len(self.nonfinite_steps),
             "wall_time_s": self.wall_time_s,
         }
 
@@ -45,8 +64,17 @@ def render_summary(result: dict[str, Any], *, extra: Optional[dict[str, str]] = 
         f"  loss           {result['loss_start_mean']:.4f} -> {result['loss_end_mean']:.4f}"
         f"  (first step {result['loss_first']:.4f}, last step {result['loss_last']:.4f})",
         f"  tokens/s       {result['tokens_per_s']:,.0f}",
-        f"  wall time      {result['wall_time_s']:.1f} s",
     ]
+    if math.isfinite(result.get("mfu", float("nan"))):
+        lines += [
+            f"  MFU            {100 * result['mfu']:.1f}% of {result['peak_tflops']:.3g} TFLOP/s "
+            f"per device",
+            f"  comm exposed   {100 * result['comm_exposed_frac']:.1f}% of step time",
+            f"  peak memory    {result['mem_peak_gib_max']:.2f} GiB (largest rank)",
+        ]
+    if result.get("nonfinite_steps"):
+        lines.append(f"  non-finite     loss at {result['nonfinite_steps']} logged step(s)")
+    lines.append(f"  wall time      {result['wall_time_s']:.1f} s")
     lines += [f"  {key:<14} {value}" for key, value in (extra or {}).items()]
     return "\n".join(lines)
 
@@ -63,8 +91,10 @@ class Progress:
     def update(self, metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
-                             refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{metrics['tokens_per_s']:,.0f}"}
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
         # metrics arrive every `logging.every` steps: advance to the reported step
         self.bar.update(int(metrics["step"]) - self.bar.n)
 

@@ -25,6 +25,7 @@ from longtrain.parallel.runtime import ParallelRuntime, remesh
 from longtrain.parallel.watch import (CollectiveError, collective, describe_failure,
                                       is_communication_failure, set_phase, track_modules)
 from longtrain.train.loss import reduce_sum, token_loss_sum
+from longtrain.train.metrics import StepMetrics
 from longtrain.train.optim import Optimizer, make_optimizer
 from longtrain.train.schedule import Stage, stage_at, stage_config, stages
 
@@ -155,17 +156,20 @@ def train(cfg: RunConfig, runtime: ParallelRuntime, *, state: TrainState | None 
     one metrics dict per step. Saves checkpoints as `cfg.checkpoint` says."""
     if state is None:
         state = TrainState.create(cfg, runtime)
-    for stage in stages(cfg):
-        if state.stopped:
-            return
-        if state.step >= stage.end_step:
-            continue
-        scfg = _enter_stage(cfg, state, stage)
-        yield from _train_stage(scfg, state, end_step=stage.end_step, total_cfg=cfg)
+    with StepMetrics(cfg, state.runtime, dtype=param_dtype(cfg.train.precision)) as observer:
+        for stage in stages(cfg):
+            if state.stopped:
+                return
+            if state.step >= stage.end_step:
+                continue
+            scfg = _enter_stage(cfg, state, stage)
+            observer.set_runtime(state.runtime)
+            yield from _train_stage(scfg, state, end_step=stage.end_step, total_cfg=cfg,
+                                    observer=observer)
 
 
-def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg: RunConfig
-                 ) -> Iterator[dict[str, Any]]:
+def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg: RunConfig,
+                 observer: StepMetrics) -> Iterator[dict[str, Any]]:
     log = get_logger()
     runtime = state.runtime
     dims = runtime.dims
@@ -179,7 +183,7 @@ def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg:
     try:
         while state.step < end_step and not state.stopped:
             try:
-                metrics = _step(cfg, state, data)
+                metrics = _step(cfg, state, data, observer)
                 stop = _agree_to_stop(state)
             except Exception as exc:
                 if is_communication_failure(exc):
@@ -220,15 +224,17 @@ def _agree_to_stop(state: TrainState) -> bool:
     return bool(flag.item())
 
 
-def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
+def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetrics
+          ) -> dict[str, Any]:
     """One optimizer step (all micro-batches); returns its metrics (identical on every rank)."""
     runtime, model, optimizer = state.runtime, state.model, state.optimizer
     ctx = attention_context(runtime)
+    observer.start_step()
     t0 = time.perf_counter()
     micro = [mb.to(runtime.device) for mb in next(data)]
     t_data = time.perf_counter() - t0
     set_phase("loss", "token count")
-    with collective("target-count all-reduce", group="CP x DP"):
+    with collective("target-count all-reduce", group="CP x DP"), observer.charged_to("dp"):
         targets = reduce_sum(sum(mb.target_weight for mb in micro), group=runtime.dp_cp_group,
                              device=runtime.device)
     optimizer.zero_grad()
@@ -243,11 +249,11 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
         optimizer.backward(loss / targets, last=i == len(micro) - 1)
         loss_sum += loss.detach().double()
     set_phase("optimizer", "gradient sum")
-    with collective("gradient all-reduce", group="CP x DP"):
+    with collective("gradient all-reduce", group="CP x DP"), observer.charged_to("dp"):
         optimizer.reduce_gradients(group=runtime.dp_cp_group)
     with collective("gradient-norm all-reduce", group="tensor-parallel"):
         stats = optimizer.step(state.step, tp_group=runtime.tp_group)
-    with collective("loss all-reduce", group="CP x DP"):
+    with collective("loss all-reduce", group="CP x DP"), observer.charged_to("dp"):
         global_loss = reduce_sum(loss_sum, group=runtime.dp_cp_group,
                                  device=runtime.device) / targets
     dt = time.perf_counter() - t0
@@ -258,4 +264,5 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator) -> dict[str, Any]:
                "step_time_s": dt, "data_wait_s": t_data, "seq_len": cfg.data.seq_len}
     if check:
         metrics["attn_parity_err"] = model.parity_error()
+    observer.finish_step(cfg, metrics)
     return metrics

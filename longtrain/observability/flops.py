@@ -1,0 +1,127 @@
+"""Model FLOPs of one training step, for MFU: the matmuls of every layer plus the attention
+each layer's family really computes, causal-correct.
+
+Legend: T sequence length, h hidden size, I MLP width, V vocabulary, Hq / Hkv query / key-value
+heads, D head dim. A multiply-add is 2 FLOPs; the backward counts twice the forward (so a step
+is 3x its forward), recomputation is not counted (MFU counts the model's work, not the
+policy's), nor are norms, RoPE, softmax exponentials or the optimizer.
+
+Per token and layer, the projections: q|k|v 2h(Hq + 2Hkv)D, output 2 Hq D h, SwiGLU 6 h I
+(a linear-attention layer's output gate adds 2 h Hq D); once per token the LM head 2 h V.
+
+Attention per sequence and layer, forward (Q K^T and P V: 4 D per (query, key) pair and head):
+- softmax (dense, ring, ulysses, ulysses_ring, allgather): the causal pairs, T (T + 1) / 2 per
+  head. Every CP layout computes the same pairs (zigzag balances them, it does not add any).
+- s2: only the (query block, key block) pairs the head's pattern visits (a diagonal block has
+  bs (bs + 1) / 2 pairs, any other bs^2); dense heads and the layers `attention.s2` keeps dense
+  count as softmax.
+- linear (lightning attention, LASP-1/2): the masked quadratic inside each block of C tokens,
+  C (C + 1) / 2 pairs per block at 4 D each, plus per token the query-state product and the
+  state update, 2 D^2 each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# kernels/lightning_attn's block (the chunk of its masked quadratic form)
+LIGHTNING_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one optimizer step over the whole world (all sequences of the global batch)."""
+
+    matmul: float
+    attention: float
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.attention
+
+
+def causal_pairs(t: int) -> int:
+    return t * (t + 1) // 2
+
+
+def s2_pairs(pattern: Any, t: int) -> int:
+    """(query, key) pairs S2 visits in a length-t sequence, summed over the pattern's heads."""
+    bs = pattern.block_size
+    n = -(-t // bs)
+    full_blocks = t // bs
+    total = 0
+    for g in range(pattern.num_heads):
+        if pattern.is_dense_head(g):
+            total += causal_pairs(t)
+            continue
+        r, s, local = pattern.vertical_phase(g), pattern.vert_stride, pattern.local_blocks
+        for i in range(n):
+            rows = bs if i < full_blocks else t - i * bs
+            near = min(local, i + 1)
+            # vertical blocks: j in [0, i - local] with j % s == r
+            far_end = i - local + 1
+            far = max(0, (far_end - r + s - 1) // s) if far_end > 0 else 0
+            # off-diagonal blocks are full (bs keys); the diagonal one is triangular
+            total += (near - 1 + far) * rows * bs + causal_pairs(rows)
+    return total
+
+
+def linear_pairs(t: int, block: int = LIGHTNING_BLOCK) -> int:
+    full, rest = divmod(t, block)
+    return full * causal_pairs(block) + causal_pairs(rest)
+
+
+def layer_attention_forward(kind: str, *, t: int, heads: int, head_dim: int,
+                            pattern: Any = None) -> float:
+    """Forward attention FLOPs of one layer on one length-t sequence (`kind`: softmax | s2 |
+    linear; `pattern` for s2)."""
+    d = head_dim
+    if kind == "softmax":
+        return 4.0 * d * heads * causal_pairs(t)
+    if kind == "s2":
+        return 4.0 * d * s2_pairs(pattern, t)
+    if kind == "linear":
+        return heads * (4.0 * d * linear_pairs(t) + 4.0 * d * d * t)
+    raise ValueError(f"unknown attention kind {kind!r} (softmax | s2 | linear)")
+
+
+def layer_attention_kinds(cfg: Any) -> list[str]:
+    """softmax | s2 | linear for each layer of the run config's model."""
+    from longtrain.attention.linear import LINEAR_BACKENDS
+    from longtrain.model.llama import layer_kinds
+
+    backend = cfg.attention.backend
+    kinds = layer_kinds(cfg.model, linear_default=backend in LINEAR_BACKENDS)
+    out = ["linear" if k == "linear" else "softmax" for k in kinds]
+    if backend == "s2":
+        from longtrain.attention.s2 import dense_layers
+
+        dense = dense_layers(cfg.attention.s2, cfg.model.num_layers)
+        out = ["softmax" if d or k == "linear" else "s2" for k, d in zip(out, dense)]
+    return out
+
+
+def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = None
+               ) -> StepFlops:
+    """FLOPs of one optimizer step of the run config (`data.batch_size` sequences of
+    `data.seq_len` tokens unless given), forward + backward."""
+    m = cfg.model
+    t = seq_len or cfg.data.seq_len
+    n_seq = sequences or cfg.data.batch_size
+    d = m.head_dim or m.hidden_size // m.num_heads
+    h, hq, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
+    kinds = layer_attention_kinds(cfg)
+    pattern = None
+    if "s2" in kinds:
+        from longtrain.attention.s2 import s2_pattern
+
+        pattern = s2_pattern(cfg.attention.s2, hq)
+    per_token = 2.0 * h * m.vocab_size
+    attention = 0.0
+    for kind in kinds:
+        per_token += 2.0 * h * (hq + 2 * hkv) * d + 2.0 * hq * d * h + 6.0 * h * m.intermediate_size
+        if kind == "linear":
+            per_token += 2.0 * h * hq * d
+        attention += layer_attention_forward(kind, t=t, heads=hq, head_dim=d, pattern=pattern)
+    return StepFlops(matmul=3.0 * per_token * t * n_seq, attention=3.0 * attention * n_seq)

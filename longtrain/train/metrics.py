@@ -1,0 +1,98 @@
+"""The per-step metrics that need every rank: MFU, peak memory over ranks, exposed
+communication time by group.
+
+Each rank times its own blocking in communication (`longtrain.parallel.commtime`) and reads
+its own peak memory (`longtrain.observability.resources`); after the step one all-gather of a
+few numbers per rank gives every rank the min / max / mean of the peaks and the max of the
+communication times (the slowest rank sets the pace). The all-gather itself is not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from longtrain.observability.flops import step_flops
+from longtrain.observability.resources import PeakMemory, measure_gemm_tflops
+from longtrain.parallel.commtime import CommTimer
+
+GROUPS = ("tp", "cp", "dp", "other")
+_GIB = float(2 ** 30)
+
+
+class StepMetrics:
+    """Installed for the training loop's life on one rank (`with StepMetrics(...)`)."""
+
+    def __init__(self, cfg: Any, runtime: Any, *, dtype: torch.dtype) -> None:
+        self.timer = CommTimer()
+        self.memory = PeakMemory(runtime.device)
+        # this device's peak, TFLOP/s
+        self.peak_tflops = cfg.logging.peak_tflops or measure_gemm_tflops(runtime.device, dtype)
+        self.set_runtime(runtime)
+        self._flops: dict[tuple[int, int], float] = {}
+
+    def set_runtime(self, runtime: Any) -> None:
+        """The mesh (a schedule stage that changes CP builds a new one)."""
+        self.runtime = runtime
+        # a group that plays two roles (CP x DP is the CP group when dp = 1) takes the first
+        self.timer.set_groups([("tp", runtime.tp_group), ("cp", runtime.cp_group),
+                               ("cp", runtime.ulysses_group), ("cp", runtime.ring_group),
+                               ("dp", runtime.dp_cp_group), ("dp", runtime.dp_group)])
+
+    def __enter__(self) -> "StepMetrics":
+        self.timer.install()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.timer.uninstall()
+
+    @contextlib.contextmanager
+    def charged_to(self, label: str) -> Iterator[None]:
+        """Charge the block's communication to `label` whatever its group (the gradient
+        all-reduce runs on the CP group when dp = 1, but it is data-parallel work)."""
+        with self.timer.forced(label):
+            yield
+
+    def start_step(self) -> None:
+        self.memory.reset()
+        self.timer.take()
+
+    def flops(self, cfg: Any) -> float:
+        key = (cfg.data.seq_len, cfg.data.batch_size)
+        if key not in self._flops:
+            self._flops[key] = step_flops(cfg).total
+        return self._flops[key]
+
+    def finish_step(self, cfg: Any, metrics: dict[str, Any]) -> None:
+        """Add the cross-rank metrics to `metrics` (every rank gets the same values)."""
+        comm = self.timer.take()
+        mine = [self.memory.read() / _GIB, sum(comm.values()),
+                *(comm.get(g, 0.0) for g in GROUPS), self.peak_tflops]
+        stats = torch.tensor(mine, dtype=torch.float64)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            self.timer.enabled = False
+            try:
+                parts = [torch.empty_like(stats) for _ in range(world)]
+                dist.all_gather(parts, stats)
+            finally:
+                self.timer.enabled = True
+            all_ranks = torch.stack(parts)
+        else:
+            all_ranks = stats[None]
+        mem, total = all_ranks[:, 0], all_ranks[:, 1]
+        metrics["mem_peak_gib_min"] = float(mem.min())
+        metrics["mem_peak_gib_max"] = float(mem.max())
+        metrics["mem_peak_gib_mean"] = float(mem.mean())
+        dt = metrics["step_time_s"]
+        metrics["comm_exposed_s"] = float(total.max())
+        metrics["comm_exposed_frac"] = float(total.max()) / dt if dt > 0 else 0.0
+        for i, g in enumerate(GROUPS):
+            metrics[f"comm_{g}_s"] = float(all_ranks[:, 2 + i].max())
+        flops = self.flops(cfg)
+        metrics["tflops"] = flops / dt / world / 1e12 if dt > 0 else 0.0
+        metrics["mfu"] = flops / dt / 1e12 / float(all_ranks[:, -1].sum()) if dt > 0 else 0.0
+        metrics["peak_tflops"] = float(all_ranks[:, -1].mean())
