@@ -160,11 +160,23 @@ def _check(dcfg: DictConfig) -> dict[str, Any]:
 _CHECK_ONLY = False
 
 
+def _check_here(args: list[str]) -> list[str]:
+    """--check never submits: a Slurm launcher selection and its `hydra.launcher.*` settings
+    are dropped, so every run of a sweep is checked here, by the default launcher (the
+    submitted job would not know it was meant to check, and would train)."""
+    dropped = [a for a in args if a.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
+    if dropped:
+        print(f"longtrain-train --check: checking here instead of submitting (ignored: "
+              f"{' '.join(dropped)})", file=sys.stderr)
+    return [a for a in args if a not in dropped]
+
+
 def main() -> None:
     global _CHECK_ONLY
     if "--check" in sys.argv[1:]:
         sys.argv.remove("--check")
         _CHECK_ONLY = True
+        sys.argv[1:] = _check_here(sys.argv[1:])
     # hydra/launcher=slurm: submitit's warning signal is USR1 (its default is USR2), the one the
     # driver checkpoints on; read when submitit is imported, here and in the job it submits
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")

@@ -65,6 +65,18 @@ def test_check_prints_the_plan_and_starts_nothing(tmp_path) -> None:
     assert not os.path.exists(tmp_path / "run" / "wandb")
 
 
+def test_check_with_the_slurm_launcher_checks_every_run_here(tmp_path) -> None:
+    """A Slurm sweep under --check submits nothing (no Slurm needed) and checks each run."""
+    res = _check("-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                 "hydra.launcher.partition=gpu", "parallel.world_size=2",
+                 "data.seq_len=1024,2048", f"hydra.sweep.dir={tmp_path}/sweep", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "checking here instead of submitting" in res.stderr
+    assert "hydra/launcher=slurm hydra.launcher.nodes=2" in res.stderr
+    assert res.stdout.count("constraints: all satisfied") == 2, res.stdout
+    assert not os.path.exists(tmp_path / "sweep" / ".submitit")
+
+
 def test_check_lists_every_violated_constraint(tmp_path) -> None:
     res = _check("parallel.world_size=6", "parallel.tp=4", "attention=s2", "data.seq_len=1000",
                  "model.layer_pattern=", cwd=str(tmp_path))
