@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.report import argument_parser, command_line, replace_section
+from longtrain.observability.resources import reset_peak_rss, status_kib
 
 CP = 2
 BACKENDS = ("dense", "ring", "ulysses", "torch_cp")
@@ -95,18 +96,6 @@ class Row:
     # attention working set per rank (max over ranks), MiB
     peak_mib: Optional[float] = None
     error: Optional[str] = None
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _reset_peak_rss() -> int:
-    """Reset VmHWM to the current RSS; returns that RSS (KiB)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
 
 
 def _pin_mmap_threshold(nbytes: int = 64 * 1024) -> None:
@@ -189,11 +178,11 @@ def _timed(step: Callable[[], None]) -> tuple[float, float]:
     """(seconds of the slowest rank, largest per-rank peak MiB) of one rep."""
     gc.collect()
     dist.barrier()
-    base_kib = _reset_peak_rss()
+    base_kib = reset_peak_rss()
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    stats = torch.tensor([seconds, (_status_kib("VmHWM") - base_kib) / 1024], dtype=torch.float64)
+    stats = torch.tensor([seconds, (status_kib("VmHWM") - base_kib) / 1024], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     return float(stats[0]), float(stats[1])
 

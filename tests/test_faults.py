@@ -108,7 +108,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = _cli(*ARGS, "logging.wandb.mode=disabled", f"output_dir={out}")
+    proc = _cli(*ARGS, f"output_dir={out}")
     log = out / "logs" / "rank1.log"
     pid = int(_wait_for(log, r"worker pid (\d+)", proc=proc).group(1))
     _wait_for(log, r"step 5 loss", proc=proc)
@@ -118,6 +118,13 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(uninterrupt
     assert re.search(r"worker group failed \(\w+.*\); restart 1/3 from \S+step_0000000[36]",
                      stdout), stdout
     assert "steps          12" in stdout
+    # the W&B run holds the restart as an alert, and the whole history in one run
+    from longtrain.observability.wandb_files import read_offline_run
+
+    run = read_offline_run(str(out))
+    assert [title for title, _ in run.alerts] == ["worker group restarted"], run.alerts
+    assert "restart 1/3" in run.alerts[0][1]
+    assert run.series("train/loss") and max(row["_step"] for row in run.history) == 12
     final = _final_weights(out)
     for name, tensor in uninterrupted.items():
         assert torch.equal(final[name], tensor), name

@@ -106,10 +106,12 @@ def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = 
                ) -> StepFlops:
     """FLOPs of one optimizer step of the run config (`data.batch_size` sequences of
     `data.seq_len` tokens unless given), forward + backward."""
+    from longtrain.model.llama import ModelShape
+
     m = cfg.model
     t = seq_len or cfg.data.seq_len
     n_seq = sequences or cfg.data.batch_size
-    d = m.head_dim or m.hidden_size // m.num_heads
+    d = ModelShape(m, 1).head_dim
     h, hq, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
     kinds = layer_attention_kinds(cfg)
     pattern = None
