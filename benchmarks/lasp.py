@@ -28,6 +28,7 @@ from benchmarks.attention import (Problem, _agreed_error, _fwd_bwd, _timed, mach
                                   run_in_world, sent_mib)
 from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
                                replace_section)
+from longtrain.parallel.commtime import wrapped_distributed
 
 CP = 4
 METHODS = ("lasp1", "lasp2", "ring")
@@ -127,10 +128,9 @@ def counting_sends() -> Iterator[dict[str, float]]:
     """Count the bytes this rank sends through `torch.distributed` while active; yields
     {function name: bytes}, filled in as the calls happen."""
     sent: dict[str, float] = {}
-    originals = {name: getattr(dist, name) for name in (*_SENT, "P2POp")}
 
     def wrap(name: str) -> Callable[..., Any]:
-        fn, size = originals[name], _SENT[name]
+        fn, size = getattr(dist, name), _SENT[name]
         sig = inspect.signature(fn)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -141,20 +141,8 @@ def counting_sends() -> Iterator[dict[str, float]]:
 
         return counted
 
-    wrapped = {name: wrap(name) for name in _SENT}
-    real = {wrapped["isend"]: originals["isend"]}
-
-    def p2p_op(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # torch accepts only its own isend/irecv in a P2POp; batch_isend_irecv counts the sends
-        return originals["P2POp"](real.get(op, op), *args, **kwargs)
-
-    try:
-        for name, fn in {**wrapped, "P2POp": p2p_op}.items():
-            setattr(dist, name, fn)
+    with wrapped_distributed({name: wrap(name) for name in _SENT}):
         yield sent
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def _chain_owner(c: int, cp: int) -> int:

@@ -1,7 +1,7 @@
 """Exposed communication time: how long this rank is blocked in `torch.distributed` calls.
 
-While a `CommTimer` is installed, the `torch.distributed` functions that communicate are
-wrapped (module attributes, restored by `uninstall`): a blocking call is timed around the
+While a `CommTimer` is active (`with timer:`), the `torch.distributed` functions that
+communicate are wrapped (module attributes, restored on exit): a blocking call is timed around the
 call; an asynchronous one (`async_op=True`, `isend` / `irecv`, `batch_isend_irecv`) returns
 its work wrapped so that the time spent in `wait()` is counted. Communication that overlaps
 compute therefore costs nothing here, which is the point: the figure is the time the rank
@@ -29,6 +29,27 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
                 "reduce", "gather", "scatter", "barrier", "send", "recv")
 # always asynchronous: they return work objects
 _ASYNC = ("isend", "irecv")
+
+
+@contextlib.contextmanager
+def wrapped_distributed(wrappers: dict[str, Callable[..., Any]]) -> Iterator[None]:
+    """Replace `torch.distributed` functions by `wrappers` ({name: function}) while active,
+    restoring them afterwards. A wrapped `isend` / `irecv` stays usable in a `P2POp`: torch
+    accepts only its own functions there, so `P2POp` is given the real one back."""
+    names = list(wrappers) + ["P2POp"]
+    originals = {name: getattr(dist, name) for name in names}
+    real = {wrappers[n]: originals[n] for n in _ASYNC if n in wrappers}
+
+    def p2p_op(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return originals["P2POp"](real.get(op, op), *args, **kwargs)
+
+    try:
+        for name, fn in {**wrappers, "P2POp": p2p_op}.items():
+            setattr(dist, name, fn)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 class _TimedWork:
@@ -63,7 +84,7 @@ class CommTimer:
         self.seconds: dict[str, float] = {}
         self._labels: dict[int, str] = {}
         self._groups: list[Any] = []
-        self._originals: dict[str, Any] = {}
+        self._patch: Any = None
         self._forced: Optional[str] = None
         self.enabled = True
 
@@ -124,40 +145,19 @@ class CommTimer:
         timed.__wrapped__ = fn
         return timed
 
-    def install(self) -> "CommTimer":
-        if self._originals:
-            return self
-        names = [n for n in (*_COLLECTIVES, *_ASYNC, "batch_isend_irecv", "P2POp")
-                 if hasattr(dist, n)]
-        self._originals = {n: getattr(dist, n) for n in names}
-        wrapped = {n: self._wrap(n, self._originals[n])
-                   for n in (*_COLLECTIVES, *_ASYNC) if n in self._originals}
-        real = {wrapped[n]: self._originals[n] for n in _ASYNC if n in wrapped}
-        p2p_op, batch = self._originals.get("P2POp"), self._originals.get("batch_isend_irecv")
-
-        def make_p2p_op(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            # torch accepts only its own isend / irecv in a P2POp
-            return p2p_op(real.get(op, op), *args, **kwargs)
+    def __enter__(self) -> "CommTimer":
+        names = [n for n in (*_COLLECTIVES, *_ASYNC) if hasattr(dist, n)]
+        wrappers = {n: self._wrap(n, getattr(dist, n)) for n in names}
+        batch = dist.batch_isend_irecv
 
         def batch_isend_irecv(ops: list[Any]) -> list[Any]:
             label = self.label(getattr(ops[0], "group", None)) if ops else "other"
             return [_TimedWork(w, self, label) for w in batch(ops)]
 
-        if p2p_op is not None:
-            wrapped["P2POp"] = make_p2p_op
-        if batch is not None:
-            wrapped["batch_isend_irecv"] = batch_isend_irecv
-        for name, fn in wrapped.items():
-            setattr(dist, name, fn)
+        wrappers["batch_isend_irecv"] = batch_isend_irecv
+        self._patch = wrapped_distributed(wrappers)
+        self._patch.__enter__()
         return self
 
-    def uninstall(self) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-        self._originals = {}
-
-    def __enter__(self) -> "CommTimer":
-        return self.install()
-
-    def __exit__(self, *_exc: Any) -> None:
-        self.uninstall()
+    def __exit__(self, *exc: Any) -> None:
+        self._patch.__exit__(*exc)

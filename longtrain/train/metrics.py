@@ -9,8 +9,7 @@ communication times (the slowest rank sets the pace). The all-gather itself is n
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,18 +42,11 @@ class StepMetrics:
                                ("dp", runtime.dp_cp_group), ("dp", runtime.dp_group)])
 
     def __enter__(self) -> "StepMetrics":
-        self.timer.install()
+        self.timer.__enter__()
         return self
 
-    def __exit__(self, *_exc: Any) -> None:
-        self.timer.uninstall()
-
-    @contextlib.contextmanager
-    def charged_to(self, label: str) -> Iterator[None]:
-        """Charge the block's communication to `label` whatever its group (the gradient
-        all-reduce runs on the CP group when dp = 1, but it is data-parallel work)."""
-        with self.timer.forced(label):
-            yield
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.__exit__(*exc)
 
     def start_step(self) -> None:
         self.memory.reset()
