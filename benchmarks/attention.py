@@ -1,5 +1,6 @@
-"""Attention backends side by side: causal fwd+bwd time, tokens/s, peak memory and bytes sent
-per rank vs sequence length; prints a table, writes a plot and a section of BENCHMARKS.md.
+"""Attention backends, ours and peer baselines (benchmarks/peers.py), side by side: causal
+fwd+bwd time, tokens/s, peak memory and bytes sent per rank vs sequence length; prints a
+table, writes a plot and a section of BENCHMARKS.md.
 
     python -m benchmarks.attention --lengths 4096,8192,16384 --heads 8 --head-dim 64 \
         --dtype fp32 --reps 3 --out BENCHMARKS.md --plot benchmarks/attention.png
@@ -28,33 +29,60 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from benchmarks.peers import PEERS, NotApplicable, peer_step
 from benchmarks.report import argument_parser, command_line, replace_section
 from longtrain.observability.resources import reset_peak_rss, status_kib
 
 CP = 2
-BACKENDS = ("dense", "ring", "ulysses", "torch_cp")
+BACKENDS = ("dense", "ring", "ulysses", "plain_ring", "ds_ulysses", "torch_cp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_RATIO = 0.85
 TARGET_LENGTH = 16384
 TITLE = "Attention: causal fwd+bwd vs sequence length"
 QUICK_LENGTHS = (1024, 2048)
+# ours and the peer it is compared with in the verdict
+VERSUS = (("ring", "plain_ring"), ("ulysses", "ds_ulysses"))
+TORCH_CP_ON_CPU = ("on CPU: torch's context_parallel shards only the CUDA SDPA kernels "
+                   "(flash/efficient/cuDNN)")
 
 METHOD = """\
 - **Backends**, measured in one run on the same inputs (seeded `randn`, `[B, T, H, D]`), in
   one world of 2 gloo processes: *dense* = rank 0 alone with 2 threads (every core) running
   `get_attention("dense")` (torch SDPA) on the whole sequence while rank 1 waits; *ring*,
-  *ulysses* = both ranks x 1 thread, `get_attention(name)` on the zigzag shards
-  (`split_for_cp`) with `AttentionContext(cp_group, cp_size=2, cp_rank)`; *torch_cp* = torch's
-  `context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2])` (DeviceMesh
-  over the gloo CP group) around `F.scaled_dot_product_attention`. A backend that raises is
-  shown as n/a with its error and the run goes on without it.
+  *ulysses* = ours, both ranks x 1 thread, `get_attention(name)` on the zigzag shards
+  (`split_for_cp`) with `AttentionContext(cp_group, cp_size=2, cp_rank)`. Peers
+  (`benchmarks/peers.py`), both ranks x 1 thread on contiguous shards (rank r holds tokens
+  [r T/c, (r+1) T/c), no zigzag, so causal work is imbalanced: the last rank computes c
+  blocks, the first one): *plain_ring* = ring attention as first written (like
+  ring-flash-attention's basic `ring_flash_attn_func`, with plain torch math in place of
+  flash kernels): a `torch.autograd.Function` whose forward attends local q to the K/V block
+  held (`q @ k^T * scale`, materialized `[B, H, T/c, T/c]` fp32 scores, causal mask on the
+  diagonal block, future blocks skipped), merges by LSE in fp32 and passes K/V on with
+  `batch_isend_irecv` waited at once (no overlap with compute, which ring-flash-attention
+  does have); its backward recomputes the probabilities from the saved out and LSE, rings K/V
+  again with the fp32 dK/dV accumulators until they reach their owner. It declines (n/a)
+  when one score matrix would exceed 2 GiB (`peers.MAX_SCORES_BYTES`; the backward holds
+  two).
+  *ds_ulysses* = DeepSpeed-Ulysses as shipped: `deepspeed.sequence.layer.DistributedAttention(
+  local, cp_group, scatter_idx=2, gather_idx=1)` with DeepSpeed's contiguous split, `local` =
+  `F.scaled_dot_product_attention(is_causal=True)` on the gathered sequence (transposed to
+  `[B, H, T, D]` and back). *torch_cp* = torch's `context_parallel(mesh, buffers=[q, k, v,
+  dout], buffer_seq_dims=[2, 2, 2, 2])` (DeviceMesh over the gloo CP group) around
+  `F.scaled_dot_product_attention`; on CPU it is n/a: torch registers its CP rules only for
+  the CUDA SDPA kernels (flash, efficient, cuDNN), the CPU flash kernel has none, forcing the
+  math backend (`sdpa_kernel(MATH)`) fails on its plain-tensor causal mask mixed with
+  DTensors, the efficient / cuDNN backends have no CPU kernel, and torch's flex-attention CP
+  path has no CPU backward. A backend that raises is shown as n/a with its error and the run
+  goes on without it.
 - **Time**: one warm-up rep per backend, then the reps with the backends interleaved (dense,
-  ring, ulysses, dense, ...) so that a change in the machine's load hits them alike; each rep
-  starts after a barrier and counts as the slowest rank's time; the table shows the median,
-  and *min-max* the fastest and slowest rep: other jobs on the machine only ever add time, so
-  a wide range marks a disturbed row. torch_cp patches SDPA for the whole process while
-  active, so its reps run after the others. tokens/s = T / time; *vs dense* = dense time /
-  time at the same T (throughput ratio).
+  ring, ulysses, plain_ring, ds_ulysses, dense, ...) so that a change in the machine's load
+  hits them alike; each rep starts after a barrier and counts as the slowest rank's time; the
+  table shows the median, and *min-max* the fastest and slowest rep: other jobs on the
+  machine only ever add time, so a wide range marks a disturbed row. torch_cp patches SDPA
+  for the whole process while active, so its reps run after the others. tokens/s = T /
+  time; *vs dense* = dense time / time at the same T (throughput ratio); the verdict also
+  gives ours vs its peer (plain_ring time / ring time, ds_ulysses time / ulysses time) at its
+  length.
 - **Peak MiB/rank** is the attention working set: right before each timed rep every rank
   resets the kernel's peak-RSS counter (`5 > /proc/self/clear_refs` sets VmHWM to the current
   RSS) and takes the RSS as its baseline; the inputs (q/k/v/dout, or this rank's shards) are
@@ -64,10 +92,13 @@ METHOD = """\
   mapping, returned to the kernel when freed and counted when touched (so every large tensor
   is fresh, page-faulted memory, for all backends alike); one-off costs (imports, gloo
   buffers) fall in the warm-up. *mem vs dense* = this row / dense at the same T.
-- **Sent MiB/rank** is analytic (from the algorithm, not counted on the wire). Ring: forward
-  c-1 K/V blocks, backward c-1 K/V blocks + c dK/dV blocks (float32 accumulators), a block
-  being `[T/c, H, D]` per tensor. Ulysses: q, k, v, out all-to-alls forward and dout, dq, dk,
-  dv backward, each sending (c-1)/c of a `[T/c, H, D]` tensor.
+- **Sent MiB/rank** is analytic (from the algorithm, not counted on the wire; the peers'
+  figures are checked against counted bytes in `tests/test_attention_peers.py`). Ring and
+  plain_ring: forward c-1 K/V blocks, backward c-1 K/V blocks + c dK/dV blocks (float32
+  accumulators), a block being `[T/c, H, D]` per tensor (plain_ring sends blocks the first
+  rank never reads, as every ring without zigzag does). Ulysses and ds_ulysses: q, k, v, out
+  all-to-alls forward and dout, dq, dk, dv backward, each sending (c-1)/c of a `[T/c, H, D]`
+  tensor.
 - **CP > cores** (`--memory-cp`): ring/ulysses again in a world of that many 1-thread
   processes (one warm-up and one timed rep), to see how memory per rank scales with CP; they
   share the cores, so their times (marked *) are not comparable.
@@ -105,6 +136,8 @@ def _pin_mmap_threshold(nbytes: int = 64 * 1024) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, NotApplicable):
+        return str(exc)
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     text = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
     return text if len(text) <= 160 else text[:157] + "..."
@@ -126,9 +159,18 @@ def _fwd_bwd(runtime, backend: str, qkvd_bthd: list[torch.Tensor], causal: bool
         with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * len(bufs)):
             def step() -> None:
                 ins = [x.detach().requires_grad_() for x in bufs[:3]]
-                F.scaled_dot_product_attention(*ins, is_causal=causal).backward(bufs[3])
+                try:
+                    F.scaled_dot_product_attention(*ins, is_causal=causal).backward(bufs[3])
+                except NotImplementedError as exc:
+                    # the CPU kernel has no CP sharding rule (see METHOD): say so plainly
+                    if "_for_cpu" in str(exc):
+                        raise NotApplicable(TORCH_CP_ON_CPU) from exc
+                    raise
 
             yield step
+        return
+    if backend in PEERS:
+        yield peer_step(backend, runtime, qkvd_bthd, causal=causal)
         return
 
     from longtrain.attention.base import AttentionMeta, get_attention
@@ -197,8 +239,9 @@ def _agreed_error(exc: Optional[BaseException]) -> Optional[str]:
 def _measure_length(runtime, backends: list[str], length: int, prob: Problem,
                     failed: dict[str, str]) -> list[Row]:
     """Rows of `backends` at `length`: the reps of the backends interleaved (dense, ring,
-    ulysses, dense, ...) so a change in the machine's load hits them alike; torch_cp, which
-    patches SDPA for the whole process, is measured on its own after them."""
+    ulysses, plain_ring, ds_ulysses, dense, ...) so a change in the machine's load hits them
+    alike; torch_cp, which patches SDPA for the whole process, is measured on its own after
+    them."""
     gen = torch.Generator().manual_seed(length)
     qkvd = [torch.randn(1, length, prob.heads, prob.head_dim, generator=gen).to(DTYPES[prob.dtype])
             for _ in range(4)]
@@ -281,11 +324,12 @@ def sent_mib(backend: str, *, length: int, heads: int, head_dim: int, elt_bytes:
     local = length // cp * heads * head_dim
     if backend == "dense":
         return 0.0
-    if backend == "ring":
+    # the peers send what ours send (plain_ring: dK/dV in float32 too)
+    if backend in ("ring", "plain_ring"):
         kv = 2 * local
         acc_bytes = 8 if elt_bytes == 8 else 4
         return (2 * (cp - 1) * kv * elt_bytes + cp * kv * acc_bytes) / 2**20
-    if backend == "ulysses":
+    if backend in ("ulysses", "ds_ulysses"):
         return 8 * local * elt_bytes * (cp - 1) / cp / 2**20
     return None
 
@@ -348,10 +392,27 @@ def table(rows: list[Row], prob: Problem) -> str:
     return "\n".join(lines)
 
 
+def _versus(rows: list[Row], length: int) -> str:
+    """Ours vs its peer at `length` (throughput ratios), for each pair where both ran."""
+    def measured(backend: str) -> Optional[Row]:
+        return next((r for r in rows if r.backend == backend and r.cp == CP
+                     and r.length == length and r.time_s is not None), None)
+
+    parts = []
+    for ours, peer in VERSUS:
+        a, b = measured(ours), measured(peer)
+        if a is not None and b is not None:
+            parts.append(f"{ours} {b.time_s / a.time_s:.2f}x {peer}'s throughput")
+    if not parts:
+        return ""
+    return f" Ours vs peers at T={length}, CP={CP}: {', '.join(parts)}."
+
+
 def verdict(rows: list[Row]) -> str:
     ok = [r for r in rows if r.backend == "ring" and r.cp == CP and _ratio(rows, r) is not None]
     if not ok:
-        return f"Ring CP={CP} vs dense: no comparable measurement."
+        text = f"Ring CP={CP} vs dense: no comparable measurement."
+        return text + (_versus(rows, max(r.length for r in rows)) if rows else "")
     at = next((r for r in ok if r.length == TARGET_LENGTH), max(ok, key=lambda r: r.length))
     ratio = _ratio(rows, at)
     if at.length == TARGET_LENGTH:
@@ -374,7 +435,7 @@ def verdict(rows: list[Row]) -> str:
             text += (f", ring CP={r.cp} {r.peak_mib:.0f} MiB ({r.peak_mib / at.peak_mib:.2f}x "
                      f"CP={CP}'s; 1/CP scaling: {CP / r.cp:.2f}x)")
         text += "."
-    return text
+    return text + _versus(rows, at.length)
 
 
 def plot(rows: list[Row], path: str, prob: Problem) -> None:
@@ -393,8 +454,11 @@ def plot(rows: list[Row], path: str, prob: Problem) -> None:
         if not pts:
             continue
         n, t, m = zip(*pts)
-        style = dict(marker="o", color=colors[backend], label=_label(Row(0, backend, cp)),
-                     linestyle="-" if cp <= CP else "--")
+        # peers dotted with square markers; ours at CP > cores dashed
+        peer = backend in PEERS
+        style = dict(marker="s" if peer else "o", color=colors[backend],
+                     label=_label(Row(0, backend, cp)),
+                     linestyle=":" if peer else "-" if cp <= CP else "--")
         if cp <= (os.cpu_count() or 1):
             ax_t.plot(n, t, **style)
         ax_m.plot(n, m, **style)
@@ -448,6 +512,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: lengths {QUICK_LENGTHS}, 1 rep")
     p.add_argument("--out", default=None, help="markdown file to write the section into")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="PNG path for the plot")
     args = p.parse_args(argv)
 
@@ -479,6 +544,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"# {machine()}")
     print(table(rows, prob))
     print(verdict(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
     if args.plot:
         plot(rows, args.plot, prob)
         print(f"plot: {args.plot}")

@@ -15,12 +15,13 @@ supply / consumption (the target is >= 10).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -178,12 +179,13 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, a smaller corpus")
     parser.add_argument("--out", default="BENCHMARKS.md",
                         help="markdown file to update ('' = none)")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()
@@ -192,8 +194,12 @@ def main() -> None:
     print(body)
     worst = min(r["ratio"] for r in result["rows"])
     print(f"\nlowest loader / step ratio: {worst:.1f}x (target >= 10x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     if args.out:
         replace_section(args.out, "data", "Data loader throughput", body)
+    return result
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ def render(rows: list[dict], *, device: str, heads: int, kv_heads: int, head_dim
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,16384,32768")
     parser.add_argument("--heads", type=int, default=16)
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--sdpa-backend", choices=["default", "flash", "cudnn"], default="default",
                         help="which SDPA kernel to compare against (default: torch's choice)")
     parser.add_argument("--out", default=None, help="BENCHMARKS.md to update")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.flash_kernel needs a CUDA device")
     rows = run([int(x) for x in args.lengths.split(",")], heads=args.heads,
@@ -114,9 +116,13 @@ def main() -> None:
     table = render(rows, device=torch.cuda.get_device_name(), heads=args.heads,
                    kv_heads=args.kv_heads, head_dim=args.head_dim, sdpa_backend=args.sdpa_backend)
     print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     if args.out:
         replace_section(args.out, "flash_kernel", "Triton flash attention vs torch SDPA (GPU)",
                         table)
+    return rows
 
 
 if __name__ == "__main__":

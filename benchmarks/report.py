@@ -8,15 +8,20 @@ import sys
 from typing import Optional
 
 
-def replace_section(path: str, key: str, title: str, body: str) -> None:
+def replace_section(path: str, key: str, title: str, body: str, *, first: bool = False
+                    ) -> None:
     """Write `body` under `## title` between `<!-- key:begin -->` / `<!-- key:end -->`,
-    replacing that section if present, appending it otherwise; other sections are kept."""
+    replacing that section if present, appending it otherwise (`first`: right after the
+    file's `# ` title line); other sections are kept."""
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     section = f"{begin}\n## {title}\n\n{body.rstrip()}\n{end}"
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + section + rest.split(end, 1)[1]
+    elif first:
+        head, _, rest = text.partition("\n")
+        text = f"{head}\n\n{section}\n\n{rest.lstrip()}".rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     tmp = f"{path}.tmp"

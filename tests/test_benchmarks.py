@@ -1,10 +1,12 @@
-"""The benchmark entry points run in their quick form and write their BENCHMARKS.md section
-(no timing assertions: speed targets live in BENCHMARKS.md, not in tests)."""
+"""The benchmark suite runs once in its quick form (`python -m benchmarks.run --suite quick`):
+every benchmark writes its BENCHMARKS.md section and its rows, and the summary judges the
+targets (no timing assertions: speed targets live in BENCHMARKS.md, not in tests)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,41 +20,89 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def _run_quick(tmp_path, key: str) -> tuple[str, object]:
-    """`python -m benchmarks.<key> --quick` into a BENCHMARKS.md that has other text: checks
-    that it ran, kept that text and wrote its one section; returns (the file's text, the
-    rows it wrote with --json)."""
-    out = tmp_path / "BENCHMARKS.md"
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    """`python -m benchmarks.run --suite quick` once, into a BENCHMARKS.md that has other
+    text: (the file's text, the JSON directory, the plots directory, the run's output)."""
+    tmp = tmp_path_factory.mktemp("suite")
+    out = tmp / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    rows_path = tmp_path / f"{key}.json"
-    res = _run(f"benchmarks.{key}", "--quick", "--out", str(out), "--json", str(rows_path))
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = out.read_text()
-    assert "kept text" in text
-    assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text
-    return text, json.loads(rows_path.read_text())
+    res = _run("benchmarks.run", "--suite", "quick", "--out", str(out), "--json-dir",
+               str(tmp / "json"), "--plots", str(tmp / "plots"))
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
+    return out.read_text(), tmp / "json", tmp / "plots", res.stdout
+
+
+def _rows(suite, key: str):
+    return json.loads((suite[1] / f"{key}.json").read_text())
 
 
 @pytest.mark.slow
-def test_quick_benchmarks_write_their_sections(tmp_path):
-    out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\nkept text\n")
-    plot = tmp_path / "attention.png"
-    res = _run("benchmarks.attention", "--quick", "--out", str(out), "--plot", str(plot))
-    assert res.returncode == 0, res.stdout + res.stderr
-    res = _run("benchmarks.data", "--quick", "--out", str(out))
-    assert res.returncode == 0, res.stdout + res.stderr
-    text = out.read_text()
+def test_quick_suite_writes_every_section_and_a_summary(quick_suite):
+    text, _, plots, _ = quick_suite
     assert "kept text" in text
-    for key in ("attention", "data"):
-        assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text
-    assert "| 1024 | dense |" in text and "ring CP=2" in text
-    assert plot.stat().st_size > 1000
+    keys = ("summary", "attention", "e2e", "memory", "data", "lasp", "s2", "costmodel")
+    for key in keys:
+        assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text, key
+    # the summary comes first and names the machine, every benchmark and the targets
+    summary = text.split("<!-- summary:end -->")[0]
+    assert text.index("<!-- summary:begin -->") < text.index("kept text")
+    assert f"{os.cpu_count()} cores" in summary and "GiB RAM" in summary
+    for key in keys[1:]:
+        assert f"| {key} | ok |" in summary, key
+    assert ("| flash_kernel | skipped: needs a GPU |" in summary
+            or "| flash_kernel | ok |" in summary)
+    for target in ("end-to-end MFU at T=8192, fp32", "end-to-end MFU at T=8192, bf16",
+                   "causal ring CP=2 throughput vs dense", "ring vs plain_ring",
+                   "ulysses vs ds_ulysses", "Triton flash"):
+        assert target in summary, target
+    for plot in ("attention.png", "e2e.png"):
+        assert (plots / plot).stat().st_size > 1000, plot
 
 
 @pytest.mark.slow
-def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
-    text, rows = _run_quick(tmp_path, "lasp")
+def test_quick_attention_runs_ours_and_the_peers(quick_suite):
+    text = quick_suite[0]
+    rows = _rows(quick_suite, "attention")
+    ran = {(r["backend"], r["length"]) for r in rows if r["time_s"] is not None}
+    for n in (1024, 2048):
+        # the peers ran (a time, not n/a) beside ours
+        for backend in ("dense", "ring", "ulysses", "plain_ring", "ds_ulysses"):
+            assert (backend, n) in ran, (backend, n)
+            if backend != "dense":
+                assert re.search(rf"\| {n} \| {backend} CP=2 \| \d", text), (n, backend)
+    assert "Ours vs peers at T=2048, CP=2: ring " in text and "x ds_ulysses's" in text
+
+
+@pytest.mark.slow
+def test_quick_e2e_measures_mfu_against_the_gemm_peak(quick_suite):
+    got = _rows(quick_suite, "e2e")
+    rows = got["rows"]
+    assert [r for r in rows if r["error"]] == []
+    assert {(r["layout"], r["precision"]) for r in rows} == {
+        (layout, p) for layout in ("dense DP=2", "ring CP=2") for p in ("fp32", "bf16")}
+    for r in rows:
+        # MFU is the achieved rate over the peak measured in the run, both from the loop
+        assert 0 < r["mfu"] < 1 and r["peak_tflops"] > 0, r
+        assert abs(r["mfu"] - r["tflops_per_rank"] / r["peak_tflops"]) <= 0.02 * r["mfu"], r
+        sequences = 1 if "CP" in r["layout"] else 2
+        assert r["tokens_per_s"] == pytest.approx(sequences * r["seq_len"] / r["step_time_s"])
+    assert {k["precision"] for k in got["kernels"]} == {"fp32", "bf16"}
+    assert all(k["gemm_tflops"] > 0 and k["sdpa_tflops"] > 0 for k in got["kernels"])
+
+
+@pytest.mark.slow
+def test_quick_data_benchmark_compares_loader_and_step(quick_suite):
+    got = _rows(quick_suite, "data")
+    assert got["consumption"]["tokens_per_s"] > 0
+    sources = {r["source"].split(" ")[0] for r in got["rows"]}
+    assert sources >= {"synthetic", "files:", "hf"}
+    assert all(r["tokens_per_s"] > 0 for r in got["rows"])
+
+
+@pytest.mark.slow
+def test_quick_lasp_benchmark_counts_the_bytes_sent(quick_suite):
+    text, rows = quick_suite[0], _rows(quick_suite, "lasp")
     assert [r for r in rows if r["error"] or r["time_s"] is None] == []
     sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
     # CP=4, 8 heads x 64: one fp32 [H, D, D] state is 128 KiB
@@ -68,8 +118,8 @@ def test_quick_lasp_benchmark_counts_the_bytes_sent(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_s2_benchmark_counts_the_blocks_sent(tmp_path):
-    text, rows = _run_quick(tmp_path, "s2")
+def test_quick_s2_benchmark_counts_the_blocks_sent(quick_suite, tmp_path):
+    text, rows = quick_suite[0], _rows(quick_suite, "s2")
     assert [r for r in rows if r["error"] or r["time_s"] is None] == []
     sent = {(r["method"], r["length"]): r["sent_bytes"] for r in rows}
     for n in (1024, 2048):
@@ -98,8 +148,8 @@ def test_quick_s2_benchmark_counts_the_blocks_sent(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_memory_benchmark_measures_every_policy(tmp_path):
-    text, got = _run_quick(tmp_path, "memory")
+def test_quick_memory_benchmark_measures_every_policy(quick_suite):
+    text, got = quick_suite[0], _rows(quick_suite, "memory")
     rows = got["rows"]
     assert [r for r in rows if r["error"] or r["time_s"] is None or r["peak_mib"] is None] == []
     saved = {(r["policy"], r["cp"], r["length"]): r["saved_bytes"] for r in rows}
