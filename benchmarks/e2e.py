@@ -22,8 +22,8 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.attention import machine
-from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
-                               replace_section)
+from benchmarks.report import (add_output_args, argument_parser, command_line, compose_config,
+                               join_section, replace_section)
 from longtrain.config.schema import RunConfig
 
 TITLE = "End-to-end training: tokens/s and MFU against the measured GEMM peak"
@@ -87,23 +87,12 @@ class Row:
 def make_config(model: str, backend: str, cp: int, precision: str, seq_len: int, steps: int,
                 output_dir: str) -> RunConfig:
     """The run a row measures, composed as `longtrain-train <overrides>` would be."""
-    from hydra import compose, initialize_config_module
-
-    from longtrain_launch.store import register_configs, to_run_config
-
-    overrides = [f"model={model}", f"attention={backend}", f"parallel.world_size={WORLD}",
-                 f"parallel.cp={cp}", f"train.precision={precision}", f"data.seq_len={seq_len}",
-                 f"data.batch_size={WORLD // cp}", f"train.steps={steps}",
-                 "train.save_hf=false", "checkpoint.resume=never", "checkpoint.every=0",
-                 "checkpoint.save_final=false",
-                 f"output_dir={output_dir}"]
-    register_configs()
-    with initialize_config_module(config_module="longtrain_conf", version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=overrides))
-    from longtrain.config.validate import validate
-
-    validate(cfg)
-    return cfg
+    return compose_config(
+        [f"model={model}", f"attention={backend}", f"parallel.world_size={WORLD}",
+         f"parallel.cp={cp}", f"train.precision={precision}", f"data.seq_len={seq_len}",
+         f"data.batch_size={WORLD // cp}", f"train.steps={steps}", "train.save_hf=false",
+         "checkpoint.resume=never", "checkpoint.every=0", "checkpoint.save_final=false",
+         f"output_dir={output_dir}"])
 
 
 def _train_worker(runtime: Any, cfg: RunConfig, out_path: str) -> None:

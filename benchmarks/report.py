@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 
 def replace_section(path: str, key: str, title: str, body: str, *, first: bool = False
@@ -28,6 +28,21 @@ def replace_section(path: str, key: str, title: str, body: str, *, first: bool =
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The typed RunConfig `longtrain-train <overrides>` would run (Hydra composition, then the
+    pre-flight validation: a bad override raises naming it)."""
+    from hydra import compose, initialize_config_module
+
+    from longtrain.config.validate import validate
+    from longtrain_launch.store import register_configs, to_run_config
+
+    register_configs()
+    with initialize_config_module(config_module="longtrain_conf", version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+    validate(cfg)
+    return cfg
 
 
 def command_line(module: str, argv: Optional[list[str]]) -> str:

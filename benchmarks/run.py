@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from benchmarks.report import replace_section
@@ -44,7 +44,7 @@ BENCHES = (
     Bench("attention", ("--quick",),
           ("--lengths", "4096,8192,16384", "--reps", "3", "--memory-cp", "4"), plot=True),
     Bench("e2e", ("--quick", "--layouts", "dense,ring"),
-          ("--seq-len", "8192", "--models", "tiny,125m:ring", "--warmup", "1", "--steps", "3"),
+          ("--seq-len", "8192", "--models", "tiny,125m:ring", "--warmup", "1", "--steps", "2"),
           plot=True),
     Bench("memory", ("--quick",), ()),
     Bench("data", ("--quick",), ()),
@@ -62,6 +62,21 @@ class Outcome:
     status: str
     seconds: float
     detail: str = ""
+
+
+def merged_outcomes(json_dir: str, outcomes: list[Outcome]) -> list[Outcome]:
+    """This run's outcomes over those of earlier runs into the same `json_dir` (an `--only`
+    run keeps the other benchmarks' rows and sections, so the summary keeps them too)."""
+    path = os.path.join(json_dir, "_outcomes.json")
+    earlier: dict[str, Outcome] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = {o["key"]: Outcome(**o) for o in json.load(f)}
+    earlier.update({o.key: o for o in outcomes})
+    merged = [earlier[b.key] for b in BENCHES if b.key in earlier]
+    with open(path, "w") as f:
+        json.dump([asdict(o) for o in merged], f, indent=1)
+    return merged
 
 
 def describe_machine() -> str:
@@ -252,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.remove(path)
         outcomes.append(run_bench(b, args.suite, out=args.out, json_path=path, plots=plots,
                                   timeout_s=timeout_s))
+    outcomes = merged_outcomes(json_dir, outcomes)
     found = targets(json_dir)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     text = summary(outcomes, found, suite=args.suite, command=command)

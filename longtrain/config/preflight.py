@@ -53,15 +53,19 @@ def _attention(cfg: Any) -> list[str]:
 
 def _memory(cfg: Any) -> list[str]:
     from longtrain.memory.planner import GIB, Policy, device_budget_bytes, estimates
+    from longtrain.parallel.costmodel import cluster_from_config
 
     import torch
 
-    on_gpu = torch.cuda.is_available()
+    cluster = cluster_from_config(cfg)
+    # a described cluster: its devices, not this machine, hold the run
+    on_gpu = torch.cuda.is_available() or cluster is not None
     policy = Policy(cfg.memory.activations, cfg.memory.checkpointing,
                     cfg.memory.offload and on_gpu)
     table = estimates(cfg, on_gpu=on_gpu)
     mine = next(e for e in table if e.policy == policy)
-    budget = device_budget_bytes(cfg)
+    budget = (cluster.memory_gib * GIB if cluster is not None and cfg.memory.budget_gib is None
+              else device_budget_bytes(cfg))
     verdict = "fits" if mine.total <= budget else "does NOT fit"
     lines = [f"memory per device (estimate, memory {policy.name}): {mine.total / GIB:.3f} GiB "
              f"= activations {mine.activations / GIB:.3f} + weights, gradients and optimizer "
@@ -89,6 +93,9 @@ def check_report(cfg: Any) -> tuple[str, list[str]]:
         lines += _attention(cfg)
     if not found:
         lines += _memory(cfg)
+        from longtrain.parallel.costmodel import report_lines
+
+        lines += report_lines(cfg)
     if found:
         lines.append(f"constraints violated ({len(found)}):")
         lines += [f"  - {p}" for p in found]

@@ -355,6 +355,29 @@ class MemoryConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The hardware `--check` predicts the step time on and recommends a layout for
+    (longtrain.parallel.costmodel); nothing else reads it."""
+
+    # none (no prediction) | h100-8x8-ib400 (8 nodes x 8 H100 SXM, NVLink, one 400 Gb/s
+    # InfiniBand NIC per GPU) | h100-1x8 (one such node)
+    preset: str = "none"
+    # Overrides of the preset's fields; nodes * devices_per_node must equal
+    # parallel.world_size.
+    nodes: Optional[int] = None
+    # see nodes
+    devices_per_node: Optional[int] = None
+    # dense peak of one device in the training dtype, TFLOP/s
+    peak_tflops: Optional[float] = None
+    # device memory, GiB (memory.budget_gib, when set, wins)
+    memory_gib: Optional[float] = None
+    # inter-node bandwidth per device, Gbit/s (one direction)
+    inter_node_gbit: Optional[float] = None
+    # intra-node bandwidth per device, GB/s (one direction)
+    intra_node_gbytes: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -367,6 +390,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # `init.from=<dir>`: a Hugging Face directory or a native checkpoint to take the weights
     # from (not the optimizer: that is `checkpoint.resume`); `init.required` (set by
     # experiment=extend) refuses to start without one. A dict because `from` is a Python

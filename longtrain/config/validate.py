@@ -241,6 +241,9 @@ def problems(cfg: RunConfig) -> list[str]:
         out += source_problems(str(cfg.init_from), field="init.from")
     out += _checkpoint_problems(cfg)
     out += _schedule_problems(cfg, out)
+    from longtrain.parallel.costmodel import cluster_problems
+
+    out += cluster_problems(cfg)
     return out
 
 

@@ -1,0 +1,157 @@
+"""The cost model (longtrain.parallel.costmodel): its equations on hand-computed cases, the fit,
+the layout recommendation and the `--check` report (no timing of real hardware here: the fit is
+checked against measurements in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from longtrain.config.schema import RunConfig
+from longtrain.parallel import costmodel as cm
+
+LINK = cm.Link(gbytes_per_s=1.0, latency_s=1e-3)
+
+
+def _cfg(**over) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.name, cfg.model.vocab_size, cfg.model.hidden_size = "test", 32000, 4096
+    cfg.model.intermediate_size, cfg.model.num_layers = 14336, 32
+    cfg.model.num_heads, cfg.model.num_kv_heads = 32, 8
+    cfg.model.max_position_embeddings = 131072
+    cfg.data.seq_len, cfg.data.batch_size = 131072, 1
+    cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.cp = 64, 8, 8
+    cfg.attention.backend, cfg.train.precision = "ring", "bf16"
+    cfg.cluster.preset = "h100-8x8-ib400"
+    for dotted, value in over.items():
+        group, name = dotted.split("__")
+        setattr(getattr(cfg, group), name, value)
+    return cfg
+
+
+def test_fit_line_recovers_latency_and_bandwidth():
+    rng = random.Random(0)
+    sizes = [2.0 ** k for k in range(12, 26, 2)]
+    latency, bandwidth = 37e-6, 2.5e9
+    times = [latency + n / bandwidth * (1 + rng.uniform(-0.01, 0.01)) for n in sizes]
+    a, b = cm.fit_line(sizes, times)
+    assert a == pytest.approx(latency, rel=0.2)
+    assert 1 / b == pytest.approx(bandwidth, rel=0.02)
+    with pytest.raises(ValueError, match="2 distinct"):
+        cm.fit_line([1.0, 1.0], [1.0, 2.0])
+
+
+def test_collectives_follow_the_ring_formulas():
+    n = 8e6
+    assert cm.p2p(n, LINK) == pytest.approx(1e-3 + 8e-3)
+    assert cm.all_reduce(n, 4, LINK) == pytest.approx(6 * (1e-3 + 2e-3))
+    assert cm.all_gather(n, 4, LINK) == pytest.approx(3 * (1e-3 + 8e-3))
+    assert cm.all_to_all(n, 4, LINK) == pytest.approx(3 * (1e-3 + 2e-3))
+    assert cm.all_reduce(n, 1, LINK) == cm.all_to_all(n, 1, LINK) == 0.0
+
+
+def test_ring_hides_behind_compute_and_exposes_only_the_excess():
+    kv, acc, c = 4e6, 8e6, 4
+    hop = cm.p2p(kv, LINK)  # 5 ms
+    # a block's compute (fwd / c) longer than any hop: only the final dK/dV return is exposed
+    slow = 4 * 0.05
+    exposed, detail = cm.ring_exposed(kv, slow, c, LINK, acc)
+    assert detail.hidden and exposed == pytest.approx(cm.p2p(acc, LINK))
+    # blocks of 1 ms: each forward hop exposes 4 ms, each backward hop (K/V + dK/dV, 13 ms)
+    # against a 2 ms backward block exposes 11 ms, then the dK/dV return (9 ms)
+    exposed, detail = cm.ring_exposed(kv, 4 * 1e-3, c, LINK, acc)
+    assert not detail.hidden and detail.hop_s == pytest.approx(hop)
+    assert exposed == pytest.approx(3 * 4e-3 + 3 * 11e-3 + 9e-3)
+
+
+def test_ulysses_bytes_match_the_attention_benchmark():
+    from benchmarks.attention import sent_mib
+
+    # 2 ranks, 8 heads x 64, T=4096, fp32: 8 all-to-alls of half a [T/2, H, D] tensor
+    shape = cm.AttentionShape(4096, 1, 8, 8, 64, 4)
+    link = cm.Link(1.0, 0.0)
+    exposed, _ = cm.attention_comm("ulysses", shape, c=2, link=link, fwd_attention_s=1.0)
+    sent = sent_mib("ulysses", length=4096, heads=8, head_dim=64, elt_bytes=4, cp=2)
+    assert exposed * 1e9 == pytest.approx(sent * 2 ** 20)
+
+
+def test_groups_inside_a_node_use_its_link_and_spanning_ones_the_nic():
+    h100 = cm.PRESETS["h100-8x8-ib400"]
+    assert h100.link(8) is h100.intra and h100.link(16) is h100.inter
+    # tp 8 x cp 8: the CP group spans the nodes, so its ring runs at the NIC's pace
+    inside = cm.predict(_cfg(parallel__world_size=8, parallel__cp=1, attention__backend="dense",
+                             cluster__preset="h100-1x8"), cm.PRESETS["h100-1x8"])
+    assert inside.comm_s["cp"] == 0.0
+    one = cm.predict(_cfg(), h100)
+    faster = replace(h100, inter=replace(h100.inter, gbytes_per_s=500.0))
+    assert cm.predict(_cfg(), faster).comm_s["dp"] < one.comm_s["dp"]
+
+
+def test_more_cp_lowers_compute_per_rank_and_mfu_is_consistent():
+    h100 = cm.PRESETS["h100-8x8-ib400"]
+    with pytest.raises(ValueError, match="data.batch_size=1 is not a multiple of dp"):
+        cm.predict(_cfg(parallel__tp=8, parallel__cp=4), h100)
+    b = cm.predict(_cfg(parallel__tp=8, parallel__cp=8), h100)
+    # the same sequence over half the ranks: twice the compute per rank
+    c4 = cm.predict(_cfg(parallel__tp=8, parallel__cp=4, parallel__world_size=32,
+                         cluster__nodes=4), replace(h100, nodes=4))
+    assert b.compute_s == pytest.approx(c4.compute_s / 2, rel=1e-6)
+    from longtrain.observability.flops import step_flops
+
+    assert b.mfu == pytest.approx(step_flops(_cfg()).total / b.step_s / (64 * 989e12))
+    assert b.step_s == pytest.approx(b.compute_s + sum(b.comm_s.values()))
+
+
+def test_recommend_returns_valid_layouts_that_fit_fastest_first():
+    from longtrain.config.validate import problems
+    from longtrain.memory.planner import GIB, estimates
+
+    cfg = _cfg()
+    h100 = cm.PRESETS["h100-8x8-ib400"]
+    best = cm.recommend(cfg, h100, top=5)
+    assert len(best) >= 3
+    assert [p.step_s for p in best] == sorted(p.step_s for p in best)
+    for p in best:
+        tp, cp, backend = (x.split("=")[1] for x in p.overrides.split())
+        cand = _cfg(parallel__tp=int(tp), parallel__cp=int(cp), attention__backend=backend)
+        assert problems(cand) == [], p.overrides
+        assert min(e.total for e in estimates(cand, on_gpu=True)) <= 80 * GIB
+        assert int(tp) <= 8
+    # every candidate that is valid and fits is ranked no faster than the first
+    for cand in cm.candidate_configs(cfg, h100):
+        if not problems(cand) and any(e.total <= 80 * GIB for e in estimates(cand, on_gpu=True)):
+            assert cm.predict(cand, h100).step_s >= best[0].step_s * 0.999
+
+
+def test_bad_cluster_fields_are_named():
+    from longtrain.config.validate import problems
+
+    found = problems(_cfg(cluster__preset="dgx9000"))
+    assert any("cluster.preset='dgx9000'" in p and "h100-8x8-ib400" in p for p in found)
+    found = problems(_cfg(cluster__nodes=4))
+    assert any("cluster.nodes * cluster.devices_per_node = 4 * 8 = 32 != "
+               "parallel.world_size=64" in p for p in found)
+    found = problems(_cfg(cluster__inter_node_gbit=-1.0))
+    assert any("cluster.inter_node_gbit=-1.0 must be a positive number" in p for p in found)
+    found = problems(_cfg(cluster__preset="none", cluster__nodes=8))
+    assert any("cluster.nodes is set but cluster.preset=none" in p for p in found)
+
+
+def test_check_prints_the_prediction_and_the_recommendation():
+    res = subprocess.run(
+        [sys.executable, "-m", "longtrain_launch.train", "--check", "model=8b",
+         "parallel.world_size=64", "parallel.tp=8", "parallel.cp=8", "attention=ring",
+         "data.seq_len=131072", "data.batch_size=1", "train.precision=bf16",
+         "cluster.preset=h100-8x8-ib400", "cluster.inter_node_gbit=200"],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "predicted on h100-8x8-ib400" in out and "inter 25 GB/s" in out
+    assert "this layout (tp 8 x cp 8 x dp 1, ring):" in out
+    assert "recommended layouts" in out and "1. parallel.tp=" in out
+    # the memory verdict is the cluster's 80 GiB devices, not this machine's RAM
+    assert "budget 80.00 GiB: fits" in out
