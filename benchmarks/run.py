@@ -198,8 +198,26 @@ def _flash_targets(got: Any) -> list[tuple[str, str, str]]:
              + ("met" if worst["ratio"] <= 1.3 else "not met"))]
 
 
+def _costmodel_targets(got: Any) -> list[tuple[str, str, str]]:
+    if not got:
+        return []
+    checks = [c for c in got["checks"] if c["measured_s"]]
+    errs = [abs(c["predicted_s"] / c["measured_s"] - 1) for c in checks]
+    out = []
+    if errs:
+        out.append(("cost model vs measured CP=2 attention (ring, ulysses, lasp2), this machine",
+                    "report", f"mean |error| {sum(errs) / len(errs):.0%}, worst {max(errs):.0%}"))
+    for r in got["cluster"]:
+        if r["recommended"]:
+            out.append((f"predicted, {r['model']} at {r['length'] // 1024}K on the cluster",
+                        "report", f"`{r['overrides']}`: {r['step_s']:.2f} s/step, "
+                        f"MFU {r['mfu']:.1%}"))
+    return out
+
+
 TARGETS: dict[str, Callable[[Any], list[tuple[str, str, str]]]] = {
-    "e2e": _mfu_targets, "attention": _attention_targets, "flash_kernel": _flash_targets}
+    "e2e": _mfu_targets, "attention": _attention_targets, "flash_kernel": _flash_targets,
+    "costmodel": _costmodel_targets}
 
 
 def targets(json_dir: str) -> list[tuple[str, str, str]]:

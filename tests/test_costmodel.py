@@ -43,6 +43,12 @@ def test_fit_line_recovers_latency_and_bandwidth():
     assert 1 / b == pytest.approx(bandwidth, rel=0.02)
     with pytest.raises(ValueError, match="2 distinct"):
         cm.fit_line([1.0, 1.0], [1.0, 2.0])
+    # relative noise over sizes spanning decades: weights 1 / t^2 recover the latency that the
+    # large messages drown in the unweighted fit
+    times = [latency + n / bandwidth * (1 + rng.uniform(-0.05, 0.05)) for n in sizes]
+    a, b = cm.fit_line(sizes, times, weights=[1 / t ** 2 for t in times])
+    assert a == pytest.approx(latency, rel=0.05)
+    assert 1 / b == pytest.approx(bandwidth, rel=0.1)
 
 
 def test_collectives_follow_the_ring_formulas():
@@ -56,16 +62,18 @@ def test_collectives_follow_the_ring_formulas():
 
 def test_ring_hides_behind_compute_and_exposes_only_the_excess():
     kv, acc, c = 4e6, 8e6, 4
-    hop = cm.p2p(kv, LINK)  # 5 ms
-    # a block's compute (fwd / c) longer than any hop: only the final dK/dV return is exposed
+    hop = cm.p2p(kv, LINK)  # 1 ms + 4 ms = 5 ms
+    dkv = cm.p2p(acc, LINK)  # 1 ms + 8 ms = 9 ms
+    # a block's compute (fwd / c = 50 ms) longer than any K/V hop: the rotations cost nothing;
+    # only the c dK/dV transfers, waited for before each block (ring.py), are exposed
     slow = 4 * 0.05
     exposed, detail = cm.ring_exposed(kv, slow, c, LINK, acc)
-    assert detail.hidden and exposed == pytest.approx(cm.p2p(acc, LINK))
-    # blocks of 1 ms: each forward hop exposes 4 ms, each backward hop (K/V + dK/dV, 13 ms)
-    # against a 2 ms backward block exposes 11 ms, then the dK/dV return (9 ms)
+    assert detail.hidden and exposed == pytest.approx(4 * 9e-3)
+    # blocks of 1 ms: each of the 3 forward hops exposes 5 - 1 = 4 ms, each of the 3 backward
+    # K/V hops against a 2 ms backward block 3 ms, plus the 4 dK/dV transfers of 9 ms
     exposed, detail = cm.ring_exposed(kv, 4 * 1e-3, c, LINK, acc)
     assert not detail.hidden and detail.hop_s == pytest.approx(hop)
-    assert exposed == pytest.approx(3 * 4e-3 + 3 * 11e-3 + 9e-3)
+    assert exposed == pytest.approx(3 * 4e-3 + 3 * 3e-3 + 4 * dkv)
 
 
 def test_ulysses_bytes_match_the_attention_benchmark():
@@ -77,6 +85,45 @@ def test_ulysses_bytes_match_the_attention_benchmark():
     exposed, _ = cm.attention_comm("ulysses", shape, c=2, link=link, fwd_attention_s=1.0)
     sent = sent_mib("ulysses", length=4096, heads=8, head_dim=64, elt_bytes=4, cp=2)
     assert exposed * 1e9 == pytest.approx(sent * 2 ** 20)
+
+
+def test_allgather_all_reduces_full_length_grads_and_computes_every_pair():
+    shape = cm.AttentionShape(4096, 1, 8, 8, 64, 4)
+    link = cm.Link(1.0, 0.0)
+    exposed, detail = cm.attention_comm("allgather", shape, c=2, link=link, fwd_attention_s=1.0)
+    full = 4096 * 8 * 64 * 4  # one of K, V for the whole sequence
+    # forward: K and V gathered (each rank sends its half); backward: dK and dV all-reduced
+    assert detail is None
+    assert exposed * 1e9 == pytest.approx(2 * full / 2 + 2 * (2 * full / 2))
+    local = cm.PRESETS["cpu-local"]
+    ring, _, _ = cm.attention_op("ring", shape, c=2, cluster=local)
+    gathered, _, _ = cm.attention_op("allgather", shape, c=2, cluster=local)
+    assert gathered / ring == pytest.approx(4096 * 4096 / (4096 * 4097 / 2))
+
+
+def test_gradients_travel_in_the_parameters_dtype():
+    h100 = cm.PRESETS["h100-8x8-ib400"]
+    bf16, fp32 = cm.predict(_cfg(), h100), cm.predict(_cfg(train__precision="fp32"), h100)
+    # the same all-reduce over the same CP x DP group of 8: latency + half the bytes
+    lat = 2 * 7 * h100.inter.latency_s
+    assert bf16.comm_s["dp"] - lat == pytest.approx((fp32.comm_s["dp"] - lat) / 2)
+
+
+def test_offload_traffic_is_exposed_beyond_the_compute():
+    from longtrain.memory.planner import Policy, Shape, activation_bytes
+
+    h100 = cm.PRESETS["h100-8x8-ib400"]
+    cfg = _cfg(memory__offload=True, parallel__tp=2, parallel__cp=32)
+    p = cm.predict(cfg, h100)
+    moved = h100.host.time(activation_bytes(Shape.of(cfg), Policy(offload=True))["layers"])
+    fwd = p.compute_s / 3
+    assert p.comm_s["offload"] == pytest.approx(max(0, moved - fwd) + max(0, moved - 2 * fwd))
+    assert "memory.offload=true" in p.overrides
+    # no host link (the CPU preset): offloading is not a candidate and costs nothing
+    assert "offload" not in cm.predict(_cfg(memory__offload=True, parallel__world_size=2,
+                                            parallel__tp=1, parallel__cp=2,
+                                            cluster__preset="cpu-local"),
+                                       cm.PRESETS["cpu-local"]).comm_s
 
 
 def test_groups_inside_a_node_use_its_link_and_spanning_ones_the_nic():
@@ -116,11 +163,12 @@ def test_recommend_returns_valid_layouts_that_fit_fastest_first():
     assert len(best) >= 3
     assert [p.step_s for p in best] == sorted(p.step_s for p in best)
     for p in best:
-        tp, cp, backend = (x.split("=")[1] for x in p.overrides.split())
-        cand = _cfg(parallel__tp=int(tp), parallel__cp=int(cp), attention__backend=backend)
+        over = dict(x.split("=") for x in p.overrides.split())
+        cand = _cfg(parallel__tp=int(over["parallel.tp"]), parallel__cp=int(over["parallel.cp"]),
+                    attention__backend=over["attention"])
         assert problems(cand) == [], p.overrides
         assert min(e.total for e in estimates(cand, on_gpu=True)) <= 80 * GIB
-        assert int(tp) <= 8
+        assert p.memory_gib <= 80 and int(over["parallel.tp"]) <= 8
     # every candidate that is valid and fits is ranked no faster than the first
     for cand in cm.candidate_configs(cfg, h100):
         if not problems(cand) and any(e.total <= 80 * GIB for e in estimates(cand, on_gpu=True)):
@@ -139,6 +187,12 @@ def test_bad_cluster_fields_are_named():
     assert any("cluster.inter_node_gbit=-1.0 must be a positive number" in p for p in found)
     found = problems(_cfg(cluster__preset="none", cluster__nodes=8))
     assert any("cluster.nodes is set but cluster.preset=none" in p for p in found)
+    # the fitted preset of this machine: 1 node x 2 devices
+    found = problems(_cfg(cluster__preset="cpu-local"))
+    assert any("= 2 != parallel.world_size=64" in p for p in found)
+    small = _cfg(cluster__preset="cpu-local", parallel__world_size=2, parallel__tp=1,
+                 parallel__cp=2)
+    assert not [p for p in problems(small) if "cluster" in p]
 
 
 def test_check_prints_the_prediction_and_the_recommendation():
@@ -146,7 +200,7 @@ def test_check_prints_the_prediction_and_the_recommendation():
         [sys.executable, "-m", "longtrain_launch.train", "--check", "model=8b",
          "parallel.world_size=64", "parallel.tp=8", "parallel.cp=8", "attention=ring",
          "data.seq_len=131072", "data.batch_size=1", "train.precision=bf16",
-         "cluster.preset=h100-8x8-ib400", "cluster.inter_node_gbit=200"],
+         "cluster=h100-8x8-ib400", "cluster.inter_node_gbit=200"],
         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout

@@ -360,7 +360,8 @@ class ClusterConfig:
     (longtrain.parallel.costmodel); nothing else reads it."""
 
     # none (no prediction) | h100-8x8-ib400 (8 nodes x 8 H100 SXM, NVLink, one 400 Gb/s
-    # InfiniBand NIC per GPU) | h100-1x8 (one such node)
+    # InfiniBand NIC per GPU) | h100-1x8 (one such node) | cpu-local (this CPU machine as 2
+    # gloo processes, fitted by benchmarks/costmodel.py); the `cluster=` group sets it
     preset: str = "none"
     # Overrides of the preset's fields; nodes * devices_per_node must equal
     # parallel.world_size.

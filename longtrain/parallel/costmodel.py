@@ -21,27 +21,41 @@ inter-node one (its slowest hop sets a ring's pace).
 Per micro-batch and layer, on one rank (FLOPs from `longtrain.observability.flops`; zigzag
 balances causal work, so every rank gets 1/c of a layer's attention):
 
-- compute = matmul FLOPs / (t c dp ... one rank's share) / (peak * gemm_eff)
-            + attention FLOPs (one rank's share) / (peak * attn_eff); backward = 2x forward.
+- compute = the rank's matmul FLOPs (1/(t c) of a micro-batch's) / (peak * gemm_eff)
+            + its attention FLOPs / (peak * attn_eff) (linear layers: linear_eff);
+            backward = 2x forward.
 - ring: the forward rotates K/V c-1 times, each hop (2 b T/c Hkv/t d e bytes) overlapping
   one block's compute (the rank's forward attention / c): exposed max(0, p2p - block). The
-  backward rotates K/V again together with the dK/dV accumulators (fp32) c-1 times against a
-  backward block (2x), then returns dK/dV once more (exposed in full). Communication hides
-  when a block's compute exceeds its hop: `RingDetail.hidden`.
+  backward rotates K/V c-1 times against a backward block (2x the forward's): exposed
+  max(0, p2p - 2 block) each; the dK/dV accumulators (fp32) travel c times, each exposed in
+  full: ring.py waits for the previous holder's dK/dV before computing the next block, so no
+  compute hides them. Communication hides when a block's compute exceeds its K/V hop:
+  `RingDetail.hidden`.
 - ulysses: all-to-alls of q, k, v, out forward and dout, dq, dk, dv backward, not overlapped.
 - ulysses_ring: the all-to-alls over u ranks, then a ring over c/u ranks of blocks of
   T/(c/u) tokens x Hkv/(t u) heads.
-- allgather: K/V all-gathered forward, dK/dV reduce-scattered backward.
+- allgather: K/V all-gathered forward; backward, the full-length dK and dV all-reduced (as
+  linear.py does: gloo has no reduce-scatter). Its mask is applied, not skipped: a rank
+  computes its T/c queries against all T keys, 2x the causal share.
 - lasp2: each of the 2 chunk states `[Hq/t, d, d]` (fp32) all-gathered forward, and again
-  backward. lasp1: the c-1 hops of the state chain, serialized, forward and backward.
+  backward. lasp1: the state chain visits the 2c zigzag chunks (ranks 0..c-1, then back):
+  2 (c-1) hops between ranks, serialized, forward and again backward.
 - TP (megatron, no sequence parallelism): 2 all-reduces of `[b T/c, h]` forward, 2 backward.
-- DP: the fp32 gradients of one rank's parameters (1/t of the model) all-reduced over
-  CP x DP after the backward, `Cluster.dp_overlap` of it hidden (0 for longtrain's loop, which
-  reduces after the backward).
+- DP: the gradients of one rank's parameters (1/t of the model, in the parameters' dtype:
+  bf16 under train.precision=bf16, fp32 master weights live in the optimizer only)
+  all-reduced over CP x DP after the backward, `Cluster.dp_overlap` of it hidden (0 for
+  longtrain's loop, which reduces after the backward).
+
+Memory policy: the planner's recompute factor multiplies the compute; with memory.offload
+the saved activations go to the host (`Cluster.host`) during the forward and come back
+during the backward, exposed where they take longer than that compute.
 
 Not modelled: the optimizer step, the LM head's and the norms' memory-bound kernels, kernel
-launch gaps, recomputation (the memory policy's relative cost from the planner multiplies the
-compute), and contention between TP and CP traffic on a shared link.
+launch gaps, the recomputed forward's communication, and contention between TP and CP traffic
+on a shared link.
+
+Presets: `h100-8x8-ib400` / `h100-1x8` (assumptions at PRESETS) and `cpu-local`, this
+machine as fitted by benchmarks/costmodel.py (CPU_FIT).
 """
 
 from __future__ import annotations
@@ -80,6 +94,10 @@ class Cluster:
     memory_gib: float
     # fraction of the gradient all-reduce hidden behind the backward
     dp_overlap: float = 0.0
+    # achieved fraction of the peak for linear (lightning) attention; None: attn_eff
+    linear_eff: Optional[float] = None
+    # a device's link to host memory (memory.offload's traffic); None: no offloading
+    host: Optional[Link] = None
 
     @property
     def devices(self) -> int:
@@ -92,15 +110,32 @@ class Cluster:
 
 # H100 SXM: 989 dense bf16 TFLOP/s; NVLink 4 = 450 GB/s per direction per GPU; one 400 Gb/s
 # (50 GB/s) InfiniBand NIC per GPU; achieved fractions typical of large GEMMs (~60%) and of
-# flash-attention fwd+bwd (~45%) on H100; 80 GiB HBM.
+# flash-attention fwd+bwd (~45%) on H100, lightning attention assumed at 30%; 80 GiB HBM;
+# PCIe Gen5 x16 to the host, 64 GB/s nominal, ~50 GB/s reached with pinned memory. These are
+# specification bandwidths (NCCL reaches ~80% of them on large messages): communication
+# here is a lower bound.
+_H100 = dict(peak_tflops=989.0, gemm_eff=0.6, attn_eff=0.45, linear_eff=0.3,
+             intra=Link(450.0, 3e-6), inter=Link(50.0, 10e-6), memory_gib=80.0,
+             host=Link(50.0, 10e-6))
 PRESETS = {
-    "h100-8x8-ib400": Cluster("h100-8x8-ib400", nodes=8, devices_per_node=8, peak_tflops=989.0,
-                              gemm_eff=0.6, attn_eff=0.45, intra=Link(450.0, 3e-6),
-                              inter=Link(50.0, 10e-6), memory_gib=80.0),
-    "h100-1x8": Cluster("h100-1x8", nodes=1, devices_per_node=8, peak_tflops=989.0,
-                        gemm_eff=0.6, attn_eff=0.45, intra=Link(450.0, 3e-6),
-                        inter=Link(50.0, 10e-6), memory_gib=80.0),
+    "h100-8x8-ib400": Cluster("h100-8x8-ib400", nodes=8, devices_per_node=8, **_H100),
+    "h100-1x8": Cluster("h100-1x8", nodes=1, devices_per_node=8, **_H100),
 }
+
+# This machine (AMD EPYC, 2 cores, 23 GiB RAM) as a cluster of 2 gloo processes x 1 thread,
+# every value fitted by `python -m benchmarks.costmodel` (full run, 2026-11-23, its "Fit"
+# table): the peak is one thread's fp32 GEMM rate (so gemm_eff = 1), attn_eff / linear_eff
+# the measured fwd+bwd rates of causal SDPA / lightning attention over it, the link the
+# weighted least-squares fit of a gloo ring hop over loopback (one node: the inter-node link
+# is the same), memory half the RAM. Refit with the benchmark on another machine.
+CPU_FIT = {"peak_tflops": 0.0842, "attn_eff": 0.81, "linear_eff": 0.35, "gbytes_per_s": 1.95,
+           "latency_s": 4.4e-4, "memory_gib": 11.5}
+_CPU_LINK = Link(CPU_FIT["gbytes_per_s"], CPU_FIT["latency_s"])
+PRESETS["cpu-local"] = Cluster("cpu-local", nodes=1, devices_per_node=2,
+                               peak_tflops=CPU_FIT["peak_tflops"], gemm_eff=1.0,
+                               attn_eff=CPU_FIT["attn_eff"], intra=_CPU_LINK, inter=_CPU_LINK,
+                               memory_gib=CPU_FIT["memory_gib"],
+                               linear_eff=CPU_FIT["linear_eff"])
 
 
 def cluster_from_config(cfg: Any) -> Optional[Cluster]:
@@ -124,14 +159,20 @@ def cluster_from_config(cfg: Any) -> Optional[Cluster]:
 # ----------------------------------------------------------------- collectives
 
 
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """(intercept, slope) of the least-squares line through (xs, ys)."""
+def fit_line(xs: list[float], ys: list[float], *, weights: Optional[list[float]] = None
+             ) -> tuple[float, float]:
+    """(intercept, slope) of the (weighted) least-squares line through (xs, ys). Timings over
+    sizes spanning decades: weights 1 / y^2 fit relative errors, so the small messages set
+    the latency instead of being drowned by the large ones."""
     n = len(xs)
     if n < 2 or len(set(xs)) < 2:
         raise ValueError(f"a line needs 2 distinct x values, got {sorted(set(xs))}")
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-             / sum((x - mx) ** 2 for x in xs))
+    w = weights or [1.0] * n
+    sw = sum(w)
+    mx = sum(wi * x for wi, x in zip(w, xs)) / sw
+    my = sum(wi * y for wi, y in zip(w, ys)) / sw
+    slope = (sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, ys))
+             / sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs)))
     return my - slope * mx, slope
 
 
@@ -172,14 +213,14 @@ def ring_exposed(kv_bytes: float, fwd_attention_s: float, c: int, link: Link,
                  acc_bytes: float) -> tuple[float, RingDetail]:
     """Exposed seconds of one ring attention fwd+bwd over c ranks: `kv_bytes` the K/V block a
     rank holds, `fwd_attention_s` the rank's whole forward attention compute, `acc_bytes` the
-    dK/dV accumulators travelling in the backward."""
+    dK/dV accumulators travelling in the backward (c hops, each waited for before the next
+    block's compute: exposed whole)."""
     if c <= 1:
         return 0.0, RingDetail(0.0, fwd_attention_s)
     block = fwd_attention_s / c
     hop = p2p(kv_bytes, link)
     fwd = (c - 1) * max(0.0, hop - block)
-    bwd_hop = p2p(kv_bytes + acc_bytes, link)
-    bwd = (c - 1) * max(0.0, bwd_hop - 2 * block) + p2p(acc_bytes, link)
+    bwd = (c - 1) * max(0.0, hop - 2 * block) + c * p2p(acc_bytes, link)
     return fwd + bwd, RingDetail(hop, block)
 
 
@@ -218,7 +259,8 @@ def attention_comm(backend: str, s: AttentionShape, *, c: int, link: Link,
         exposed, detail = ring_exposed(2 * kv_bytes, fwd_attention_s, r, link, acc)
         return a2a + exposed, detail
     if backend == "allgather":
-        return all_gather(2 * kv_bytes, c, link) + reduce_scatter(c * acc, c, link), None
+        # forward K and V gathered; backward dK and dV of the whole sequence all-reduced
+        return all_gather(2 * kv_bytes, c, link) + all_reduce(2 * c * kv_bytes, c, link), None
     raise ValueError(f"no communication model for attention backend {backend!r}")
 
 
@@ -229,10 +271,36 @@ def attention_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster,
     from longtrain.observability.flops import causal_pairs
 
     fwd = 4.0 * s.head_dim * s.q_heads * causal_pairs(s.seq_len) * s.batch / c
+    fwd *= masked_factor(backend, s.seq_len, c)
     fwd_s = fwd / (cluster.peak_tflops * 1e12 * cluster.attn_eff)
     exposed, detail = attention_comm(backend, s, c=c, link=cluster.link(c),
                                      fwd_attention_s=fwd_s, ulysses_degree=ulysses_degree)
     return 3 * fwd_s, exposed, detail
+
+
+def masked_factor(backend: str, seq_len: int, c: int) -> float:
+    """The attention FLOPs a backend computes over the causal ones: allgather's mask is applied
+    to all T/c x T (query, key) pairs of a rank instead of skipping the future."""
+    if backend != "allgather" or c <= 1:
+        return 1.0
+    return seq_len * seq_len / (seq_len * (seq_len + 1) / 2)
+
+
+def linear_eff(cluster: Cluster) -> float:
+    return cluster.linear_eff if cluster.linear_eff is not None else cluster.attn_eff
+
+
+def linear_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster
+              ) -> tuple[float, float]:
+    """(compute s, exposed comm s) of one linear-attention (LASP) fwd+bwd on one rank of a CP
+    group of c ranks within a node (`s`: the whole sequence, one rank's heads)."""
+    from longtrain.observability.flops import layer_attention_forward
+
+    fwd = layer_attention_forward("linear", t=s.seq_len, heads=s.q_heads,
+                                  head_dim=s.head_dim) * s.batch / c
+    compute = 3 * fwd / (cluster.peak_tflops * 1e12 * linear_eff(cluster))
+    return compute, linear_comm(backend, q_heads=s.q_heads, head_dim=s.head_dim,
+                                batch=s.batch, c=c, link=cluster.link(c))
 
 
 def linear_comm(backend: str, *, q_heads: int, head_dim: int, batch: int, c: int, link: Link
@@ -242,7 +310,8 @@ def linear_comm(backend: str, *, q_heads: int, head_dim: int, batch: int, c: int
     if c <= 1:
         return 0.0
     if backend == "lasp1":
-        return 2 * (c - 1) * p2p(state, link)
+        # 2 (c-1) chained hops forward, the same backward
+        return 4 * (c - 1) * p2p(state, link)
     # lasp2: the 2 zigzag chunks' states all-gathered, forward and backward
     return 2 * all_gather(2 * state, c, link)
 
@@ -277,14 +346,25 @@ def describe_layout(cfg: Any) -> str:
 
 
 def layout_overrides(cfg: Any) -> str:
-    return (f"parallel.tp={cfg.parallel.tp} parallel.cp={cfg.parallel.cp} "
-            f"attention={cfg.attention.backend}")
+    """The overrides selecting this layout (and its memory policy, unless none)."""
+    out = (f"parallel.tp={cfg.parallel.tp} parallel.cp={cfg.parallel.cp} "
+           f"attention={cfg.attention.backend}")
+    mem = cfg.memory
+    if mem.activations != "none":
+        out += f" memory.activations={mem.activations}"
+    if mem.checkpointing != "none":
+        out += f" memory.checkpointing={mem.checkpointing}"
+    if mem.offload:
+        out += " memory.offload=true"
+    return out
 
 
-def predict(cfg: Any, cluster: Cluster, *, cost: float = 1.0) -> Prediction:
-    """Predicted optimizer-step time of the run config on `cluster` (`cost`: the memory
-    policy's recompute factor on compute)."""
-    from longtrain.memory.planner import Shape
+def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Prediction:
+    """Predicted optimizer-step time of the run config on `cluster` under its memory policy
+    (`memory.*`): the policy's recompute factor (`cost`, default the planner's) multiplies the
+    compute, and with memory.offload the saved activations travel to the host during the
+    forward and back during the backward, exposed where they take longer than that compute."""
+    from longtrain.memory.planner import Policy, Shape, activation_bytes, recompute_cost
     from longtrain.model.llama import ModelShape
     from longtrain.observability.flops import (layer_attention_forward, layer_attention_kinds,
                                                step_flops)
@@ -305,7 +385,8 @@ def predict(cfg: Any, cluster: Cluster, *, cost: float = 1.0) -> Prediction:
     # one micro-batch on one rank
     mb = step_flops(cfg, sequences=b)
     matmul_s = mb.matmul / (tp * c) / (peak * cluster.gemm_eff)
-    attention_s = mb.attention / (tp * c) / (peak * cluster.attn_eff)
+    # fwd+bwd attention compute, summed over the layers below
+    attention_s = 0.0
     cp_link, tp_link = cluster.link(tp * c), cluster.link(tp)
     shape = AttentionShape(t_len, b, m.num_heads // tp, max(1, m.num_kv_heads // tp), d, elt)
     pattern = None
@@ -313,6 +394,8 @@ def predict(cfg: Any, cluster: Cluster, *, cost: float = 1.0) -> Prediction:
     backend = cfg.attention.backend
     for kind in layer_attention_kinds(cfg):
         if kind == "linear":
+            fwd = layer_attention_forward(kind, t=t_len, heads=m.num_heads, head_dim=d) * b
+            attention_s += 3 * fwd / (tp * c) / (peak * linear_eff(cluster))
             cp_s += linear_comm(backend if backend in ("lasp1", "lasp2") else "lasp2",
                                 q_heads=shape.q_heads, head_dim=d, batch=b, c=c, link=cp_link)
             continue
@@ -320,11 +403,12 @@ def predict(cfg: Any, cluster: Cluster, *, cost: float = 1.0) -> Prediction:
             from longtrain.attention.s2 import s2_pattern
 
             pattern = s2_pattern(cfg.attention.s2, m.num_heads)
-        fwd = layer_attention_forward(kind, t=t_len, heads=m.num_heads, head_dim=d,
-                                      pattern=pattern) * b / (tp * c)
-        fwd_s = fwd / (peak * cluster.attn_eff)
         softmax_backend = (cfg.attention.softmax if backend in ("lasp1", "lasp2")
                            else "ring" if backend == "s2" and kind == "softmax" else backend)
+        fwd = layer_attention_forward(kind, t=t_len, heads=m.num_heads, head_dim=d,
+                                      pattern=pattern) * b / (tp * c)
+        fwd_s = fwd * masked_factor(softmax_backend, t_len, c) / (peak * cluster.attn_eff)
+        attention_s += 3 * fwd_s
         exposed, detail = attention_comm(softmax_backend, shape, c=c, link=cp_link,
                                          fwd_attention_s=fwd_s,
                                          ulysses_degree=cfg.attention.ulysses_degree)
@@ -334,17 +418,26 @@ def predict(cfg: Any, cluster: Cluster, *, cost: float = 1.0) -> Prediction:
     act = b * t_len / c * m.hidden_size * elt
     tp_s = m.num_layers * 4 * all_reduce(act, tp, tp_link)
 
-    params = Shape.of(cfg).params
-    dp_s = all_reduce(params * 4, c * dp, cluster.link(world)) * (1 - cluster.dp_overlap)
+    # the gradients are in the parameters' dtype (Shape.param_elem)
+    grads = Shape.of(cfg)
+    dp_s = all_reduce(grads.params * grads.param_elem, c * dp, cluster.link(world)) * (1 - cluster.dp_overlap)
 
+    mem = cfg.memory
+    policy = Policy(mem.activations, mem.checkpointing, mem.offload and cluster.host is not None)
+    if cost is None:
+        cost = recompute_cost(Shape.of(cfg), policy)
     compute = micro * (matmul_s + attention_s) * cost
     comm = {"tp": micro * tp_s, "cp": micro * cp_s, "dp": dp_s}
+    if policy.offload:
+        moved = cluster.host.time(activation_bytes(Shape.of(cfg), policy)["layers"])
+        fwd = (matmul_s + attention_s) / 3
+        comm["offload"] = micro * (max(0.0, moved - fwd) + max(0.0, moved - 2 * fwd))
     step = compute + sum(comm.values())
     total = step_flops(cfg)
     return Prediction(describe_layout(cfg), step, compute, comm,
                       tokens_per_s=cfg.data.batch_size * t_len / step,
                       mfu=total.total / step / (world * peak), ring_hidden=ring_hidden,
-                      overrides=layout_overrides(cfg))
+                      memory_policy=policy.name, overrides=layout_overrides(cfg))
 
 
 # ----------------------------------------------------------------- layouts
@@ -367,7 +460,10 @@ def candidate_configs(cfg: Any, cluster: Cluster) -> list[Any]:
             continue
         for c in _divisors(world // tp):
             if linear:
-                backends = [cfg.attention.backend]
+                backends = sorted({cfg.attention.backend, "lasp2"})
+            elif cfg.attention.backend == "s2":
+                # another backend would change the (sparse) model, not only its layout
+                backends = ["s2"]
             elif c == 1:
                 backends = ["dense"]
             else:
@@ -382,24 +478,44 @@ def candidate_configs(cfg: Any, cluster: Cluster) -> list[Any]:
     return out
 
 
-def recommend(cfg: Any, cluster: Cluster, *, top: int = 3) -> list[Prediction]:
-    """Valid layouts for the run's world size whose memory fits a device (the cheapest
-    memory policy that fits), fastest first."""
-    from longtrain.config.validate import problems
+def with_policy(cfg: Any, policy: Any) -> Any:
+    """`cfg` running the memory policy `policy` (a planner Policy)."""
+    out = copy.deepcopy(cfg)
+    out.memory.activations, out.memory.checkpointing = policy.activations, policy.checkpointing
+    out.memory.offload, out.memory.auto = policy.offload, False
+    return out
+
+
+def fastest_fitting(cfg: Any, cluster: Cluster) -> Optional[Prediction]:
+    """The layout of `cfg` under each memory policy whose estimate fits a device (offloading
+    only with a host link), predicted; the fastest, or None when none fits."""
     from longtrain.memory.planner import GIB, estimates
 
     budget = (cfg.memory.budget_gib or cluster.memory_gib) * GIB
+    best = None
+    for e in estimates(cfg, on_gpu=cluster.host is not None):
+        if e.total > budget:
+            continue
+        pred = predict(with_policy(cfg, e.policy), cluster, cost=e.cost)
+        pred.memory_gib = e.total / GIB
+        if best is None or pred.step_s < best.step_s:
+            best = pred
+    return best
+
+
+def recommend(cfg: Any, cluster: Cluster, *, top: int = 3) -> list[Prediction]:
+    """Valid layouts for the run's world size whose memory fits a device (under the memory
+    policy that makes each fastest: recomputation and offload traffic are part of the
+    prediction), fastest first."""
+    from longtrain.config.validate import problems
+
     ranked = []
     for cand in candidate_configs(cfg, cluster):
         if problems(cand):
             continue
-        fits = [e for e in estimates(cand, on_gpu=True) if e.total <= budget]
-        if not fits:
-            continue
-        best = min(fits, key=lambda e: (e.cost, e.policy.offload, e.total))
-        pred = predict(cand, cluster, cost=best.cost)
-        pred.memory_gib, pred.memory_policy = best.total / GIB, best.policy.name
-        ranked.append(pred)
+        pred = fastest_fitting(cand, cluster)
+        if pred is not None:
+            ranked.append(pred)
     ranked.sort(key=lambda p: p.step_s)
     return ranked[:top]
 
