@@ -206,7 +206,7 @@ def _costmodel_targets(got: Any) -> list[tuple[str, str, str]]:
     out = []
     if errs:
         out.append(("cost model vs measured CP=2 attention (ring, ulysses, lasp2), this machine",
-                    "report", f"mean |error| {sum(errs) / len(errs):.0%}, worst {max(errs):.0%}"))
+                    "report", f"mean abs error {sum(errs) / len(errs):.0%}, worst {max(errs):.0%}"))
     for r in got["cluster"]:
         if r["recommended"]:
             out.append((f"predicted, {r['model']} at {r['length'] // 1024}K on the cluster",
@@ -238,6 +238,11 @@ def summary(outcomes: list[Outcome], found: list[tuple[str, str, str]], *, suite
     for o in outcomes:
         lines.append(f"| {o.key} | {o.status}{': ' + o.detail if o.detail else ''} "
                      f"| {o.seconds:.0f} |")
+    missing = [b.key for b in BENCHES if b.key not in {o.key for o in outcomes}]
+    if missing:
+        lines += ["", f"Not run into this file by the suite: {', '.join(missing)}; their sections "
+                      f"(if any) keep the figures of their own earlier runs, each with its date "
+                      f"and command."]
     lines += ["", "| target | goal | this run |", "|---|---|---|"]
     lines += [f"| {what} | {goal} | {got} |" for what, goal, got in found]
     if suite == "quick":
