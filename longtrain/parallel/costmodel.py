@@ -128,8 +128,8 @@ PRESETS = {
 # the measured fwd+bwd rates of causal SDPA / lightning attention over it, the link the
 # weighted least-squares fit of a gloo ring hop over loopback (one node: the inter-node link
 # is the same), memory half the RAM. Refit with the benchmark on another machine.
-CPU_FIT = {"peak_tflops": 0.0842, "attn_eff": 0.81, "linear_eff": 0.35, "gbytes_per_s": 1.95,
-           "latency_s": 4.4e-4, "memory_gib": 11.5}
+CPU_FIT = {"peak_tflops": 0.102, "attn_eff": 0.71, "linear_eff": 0.28, "gbytes_per_s": 2.07,
+           "latency_s": 2.7e-4, "memory_gib": 11.5}
 _CPU_LINK = Link(CPU_FIT["gbytes_per_s"], CPU_FIT["latency_s"])
 PRESETS["cpu-local"] = Cluster("cpu-local", nodes=1, devices_per_node=2,
                                peak_tflops=CPU_FIT["peak_tflops"], gemm_eff=1.0,
