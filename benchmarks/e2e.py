@@ -143,6 +143,7 @@ def kernel_rates(precision: str, seq_len: int, heads: int, head_dim: int) -> dic
 
     import torch.nn.functional as F
 
+    from longtrain.observability.flops import causal_pairs
     from longtrain.observability.resources import measure_gemm_tflops
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
@@ -165,7 +166,7 @@ def kernel_rates(precision: str, seq_len: int, heads: int, head_dim: int) -> dic
     finally:
         torch.set_num_threads(threads)
     # fwd QK^T and PV, bwd 5 matmuls: 3.5x the forward's 2 matmuls, over T(T+1)/2 pairs
-    flops = 3.5 * 2 * 2 * heads * seq_len * (seq_len + 1) / 2 * head_dim
+    flops = 3.5 * 4.0 * head_dim * heads * causal_pairs(seq_len)
     return {"precision": precision, "gemm_tflops": gemm, "sdpa_tflops": flops / seconds / 1e12}
 
 
