@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--seq-len", type=int, default=TARGET_LENGTH,
                    help="tokens per sequence (a multiple of 2 * CP = 4)")
     p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated model presets (conf/model), each optionally with "
+                   help="comma-separated model presets (conf/longtrain_conf/model), each optionally with "
                         "its own layouts: tiny,125m:ring+dense (default: --layouts)")
     p.add_argument("--layouts", default=",".join(b for _, b, _ in LAYOUTS),
                    help=f"comma-separated subset of {','.join(b for _, b, _ in LAYOUTS)}")

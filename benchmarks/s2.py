@@ -50,7 +50,7 @@ METHOD = """\
   SDPA, causal) on the whole sequence while rank 1 waits; *s2* = rank 0 alone, 2 threads,
   `make_s2_attention(pattern)` with `pattern = S2Pattern(num_heads=H, block_size, local_blocks,
   vert_stride)`, `AttentionContext()` (cp=1) and `AttentionMeta()` (causal, one document):
-  on CPU the block-skipping PyTorch path (`kernels/s2_attn/blocked.py`); *ring* = both ranks x
+  on CPU the block-skipping PyTorch path (`kernels/longtrain_kernels/s2_attn/blocked.py`); *ring* = both ranks x
   1 thread, `get_attention("ring")` on the zigzag shards (`split_for_cp`) with
   `AttentionContext(cp_group, cp_size=2, cp_rank)`; *s2 cp2* = both ranks x 1 thread, the same
   `make_s2_attention(pattern)` on the zigzag shards with that CP context (each rank receives

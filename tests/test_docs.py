@@ -20,7 +20,7 @@ from longtrain.config.eval_schema import EvalRunConfig
 from longtrain.config.schema import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONF = os.path.join(ROOT, "conf")
+CONF = os.path.join(ROOT, "conf", "longtrain_conf")
 REFERENCE = os.path.join(ROOT, "docs", "config-reference.md")
 DOCS = sorted([os.path.join(ROOT, "README.md"), os.path.join(ROOT, "slurm", "README.md"),
                *glob.glob(os.path.join(ROOT, "docs", "*.md"))])
@@ -122,7 +122,7 @@ def _override_problems(command: str, args: list[str]) -> list[str]:
                 continue
             for option in value.split(","):
                 if not os.path.isfile(os.path.join(CONF, key, f"{option}.yaml")):
-                    out.append(f"{command}: {key}={option}: there is no conf/{key}/{option}.yaml")
+                    out.append(f"{command}: {key}={option}: there is no conf/longtrain_conf/{key}/{option}.yaml")
             continue
         problem = _field_problem(cls, key)
         if problem:
@@ -235,7 +235,7 @@ def test_reference_lists_every_conf_option() -> None:
         body = section[1].split("\n### ", 1)[0]
         name = option[:-len(".yaml")]
         row = next((ln for ln in body.splitlines() if ln.startswith(f"| `{name}` |")), None)
-        assert row is not None, f"conf/{rel} is not listed under group {group}"
+        assert row is not None, f"conf/longtrain_conf/{rel} is not listed under group {group}"
         _, package, content = reference._yaml(path)
         content.pop("defaults", None)
         prefix = "" if package == "_global_" else group.replace("/", ".")
@@ -285,9 +285,9 @@ def test_doc_commands_name_existing_config() -> None:
 
 @pytest.mark.parametrize("line,expected", [
     ("longtrain-train parallel.tpp=2", "parallel.tpp is not a field"),
-    ("longtrain-train attention=rng", "no conf/attention/rng.yaml"),
-    ("longtrain-train -m attention=ring,ulyses", "no conf/attention/ulyses.yaml"),
-    ("longtrain-train hydra/launcher=slurmm", "no conf/hydra/launcher/slurmm.yaml"),
+    ("longtrain-train attention=rng", "no conf/longtrain_conf/attention/rng.yaml"),
+    ("longtrain-train -m attention=ring,ulyses", "no conf/longtrain_conf/attention/ulyses.yaml"),
+    ("longtrain-train hydra/launcher=slurmm", "no conf/longtrain_conf/hydra/launcher/slurmm.yaml"),
     ("longtrain-train init.form=/x", "init has no key 'form'"),
     ("longtrain-train logging.wandb=online", "is a group of fields"),
     ("longtrain-train data.seq_len.x=1", "data.seq_len has no field 'x'"),

@@ -1,4 +1,4 @@
-"""Group-wise int8 quantization (kernels/int8_quant) against its float64 reference.
+"""Group-wise int8 quantization (kernels/longtrain_kernels/int8_quant) against its float64 reference.
 
 The PyTorch path must equal `quantize_naive` / `dequantize_naive` bit for bit (fp32, bf16,
 fp16 and fp64 inputs, a ragged last group, a transposed view, group sizes 16, 64, 128), and

@@ -1,4 +1,4 @@
-"""S2-Attention (kernels/s2_attn) against its dense float64 reference.
+"""S2-Attention (kernels/longtrain_kernels/s2_attn) against its dense float64 reference.
 
 The pattern's coverage is checked against a brute-force union of head masks; the PyTorch
 block path in float64 (outputs, lse and every gradient) against `s2_reference` with autograd,

@@ -46,7 +46,7 @@ class EvalRunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # the perplexity sequences (data.tokenizer also tokenizes the prompts); conf/eval.yaml
+    # the perplexity sequences (data.tokenizer also tokenizes the prompts); conf/longtrain_conf/eval.yaml
     # makes data.task follow eval.task
     data: DataConfig = field(default_factory=DataConfig)
     # fp32 | bf16: the dtype the weights are evaluated in

@@ -342,7 +342,7 @@ def _conf_part(root: str) -> list[str]:
     defaults = _primary_defaults(root)
     lines = ["## Config groups (conf/)", "",
              "A group is a directory of conf/ and an option is one of its YAML files: "
-             "`attention=ring` loads conf/attention/ring.yaml, which sets the values listed "
+             "`attention=ring` loads conf/longtrain_conf/attention/ring.yaml, which sets the values listed "
              "beside it. Overrides given after it on the command line win. Groups under "
              "`hydra/` configure Hydra itself and act in multirun mode (`-m`).", ""]
     lines += ["### Primary configs", "",

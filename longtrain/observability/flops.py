@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# kernels/lightning_attn's block (the chunk of its masked quadratic form)
+# kernels/longtrain_kernels/lightning_attn's block (the chunk of its masked quadratic form)
 LIGHTNING_BLOCK = 64
 
 

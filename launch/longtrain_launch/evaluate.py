@@ -1,4 +1,4 @@
-"""`longtrain-eval`: the Hydra app. Compose conf/eval.yaml -> typed EvalRunConfig -> pre-flight
+"""`longtrain-eval`: the Hydra app. Compose conf/longtrain_conf/eval.yaml -> typed EvalRunConfig -> pre-flight
 (fails here, before any worker starts) -> the evaluation on the Ray worker group (or in this
 process with transformers) -> eval.json, the heatmap, W&B and a console table.
 

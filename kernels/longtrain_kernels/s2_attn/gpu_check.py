@@ -1,6 +1,6 @@
 """GPU check of the S2-Attention Triton kernels (entry point; CUDA only):
 
-    python kernels/s2_attn/gpu_check.py [--only errors|timing]
+    python kernels/longtrain_kernels/s2_attn/gpu_check.py [--only errors|timing]
 
 1. errors of `s2_attention(backend="triton")` against the float64 `s2_reference` (out, dq,
    dk, dv; max |a - b| / max |b|) in bf16 and fp32 at B=1, T=4096, Hq=16, Hkv=4, D=64 on the

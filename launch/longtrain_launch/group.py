@@ -42,7 +42,7 @@ def init_ray(cfg: GroupConfig) -> bool:
         from longtrain_launch.slurm import job_signals_ignored_by_children
 
         needed = cfg.parallel.world_size * cfg.launcher.cpus_per_worker
-        # Ray's processes must outlive a Slurm warning signal (see launch/slurm.py).
+        # Ray's processes must outlive a Slurm warning signal (see launch/longtrain_launch/slurm.py).
         # address="local": a new Ray even when a `ray start` cluster runs on this machine
         # (with no address, ray.init joins the one named in /tmp/ray/ray_current_cluster)
         with job_signals_ignored_by_children():

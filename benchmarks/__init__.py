@@ -1,2 +1,0 @@
-"""Side-by-side measurements, run as modules (`python -m benchmarks.attention`); results go to
-BENCHMARKS.md, one marked section per benchmark."""
