@@ -64,11 +64,13 @@ def test_a_hung_collective_fails_the_step_naming_rank_layer_and_collective(tmp_p
     assert got["seconds"] < 4 * HANG_TIMEOUT_S + 20, got
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(*args: str, session: bool = False) -> subprocess.Popen:
+    """The CLI; `session=True` gives it a process group of its own, as a shell gives a job, so a
+    test can signal the whole group as a terminal's Ctrl-C does."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     script = os.path.join(os.path.dirname(sys.executable), "longtrain-train")
     return subprocess.Popen([script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=env, start_new_session=session)
 
 
 ARGS = ("train.steps=12", "checkpoint.every=3", "checkpoint.keep=10", "data.seq_len=256",
@@ -151,8 +153,10 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_the_same_run(uninterrupted, tmp
     _wait_for(out / "logs" / "rank0.log", r"step 4 loss", proc=proc)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout
-    stopped = int(re.search(r"stopped at step (\d+)", stdout).group(1))
+    # a clean, checkpointed stop: the conventional 128 + SIGTERM, never a crash's 1
+    assert proc.returncode == 143, stdout
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM, checkpoint saved in \S+"
+                            r"step_(\d+)", stdout).group(1))
     assert 4 <= stopped < 12
     from longtrain.checkpoint.native import list_checkpoints
 
@@ -168,3 +172,42 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_the_same_run(uninterrupted, tmp
     # both halves logged to the same W&B run
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_checkpoints_and_exits_130(tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground process group (the driver and the Ray
+    processes it started): the run saves a checkpoint after the current step, says where and
+    how to resume, prints the summary and exits 130, with no traceback."""
+    out = tmp_path / "run"
+    proc = _cli(*ARGS, f"output_dir={out}", session=True)
+    _wait_for(out / "logs" / "rank0.log", r"step 4 loss", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stdout
+    assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout, stdout
+    m = re.search(r"stopped at step (\d+) on SIGINT, checkpoint saved in (\S+); run the same "
+                  r"command to resume", stdout)
+    assert m, stdout
+    from longtrain.checkpoint.native import list_checkpoints
+
+    step, path = list_checkpoints(str(out / "checkpoints"))[-1]
+    assert step == int(m.group(1)) and os.path.samefile(path, m.group(2))
+    assert "longtrain run summary" in stdout
+    _assert_no_ray_processes_left()
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The first SIGINT only asks for a checkpointed stop; the second raises KeyboardInterrupt
+    at once (the CLI turns it into one line and exit 130)."""
+    from longtrain_launch.driver import _StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
+from longtrain.checkpoint.export_dir import MARKER_NAME
 from longtrain.checkpoint.hf import apply_init_from, export_hf, open_hf_weights, read_hf_config
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
 
@@ -144,17 +145,21 @@ def test_logits_match_transformers_tp2_and_export_round_trip(hf_cases, tmp_path)
     from longtrain.parallel.spawn import run_distributed
 
     export_root = tmp_path / "exported"
-    # An existing export is replaced, not merged into.
+    # An earlier export's files are replaced (a stale shard of it removed), the user's kept.
     stale = export_root / "llama"
     stale.mkdir(parents=True)
-    (stale / "stale.txt").write_text("old")
+    (stale / "model-00001-of-00009.safetensors").write_text("old")
+    (stale / "notes.txt").write_text("mine")
+    (stale / MARKER_NAME).write_text(json.dumps({"kind": "longtrain-hf-export",
+                                                 "files": ["model-00001-of-00009.safetensors"]}))
     run_distributed(_parity_worker, world_size=2, tp=2, args=(list(hf_cases.values()), str(export_root)))
 
     assert sorted(os.listdir(export_root)) == sorted(CASE_NAMES), "temporary directories left behind"
-    assert not (stale / "stale.txt").exists()
+    assert not (stale / "model-00001-of-00009.safetensors").exists()
+    assert (stale / "notes.txt").read_text() == "mine"
     for name, case in hf_cases.items():
         out = str(export_root / name)
-        files = set(os.listdir(out))
+        files = set(os.listdir(out)) - {MARKER_NAME, "notes.txt"}
         if name in SHARDED_EXPORT:
             assert "model.safetensors.index.json" in files and len(files) > 3, files
         else:
@@ -341,7 +346,9 @@ def test_export_is_atomic_and_sharded(tmp_path, monkeypatch) -> None:
     model = _tiny_model()
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("keep me until replaced")
+    # not written by an export: kept through every export below (overwrite=True lets the
+    # export into a directory that is not an earlier export at all)
+    (out / "old.txt").write_text("not ours")
 
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
@@ -349,7 +356,8 @@ def test_export_is_atomic_and_sharded(tmp_path, monkeypatch) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(safetensors_torch, "save_file", disk_full)
         with pytest.raises(OSError, match="disk full"):
-            export_hf(model, model.rotary.rope, str(out), max_shard_bytes=250_000)
+            export_hf(model, model.rotary.rope, str(out), max_shard_bytes=250_000,
+                      overwrite=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
 
     def broken_stream(*args: Any, **kwargs: Any):
@@ -359,13 +367,13 @@ def test_export_is_atomic_and_sharded(tmp_path, monkeypatch) -> None:
     with monkeypatch.context() as patch:
         patch.setattr("longtrain.model.sharding.iter_canonical", broken_stream)
         with pytest.raises(RuntimeError, match="gather failed"):
-            export_hf(model, model.rotary.rope, str(out))
+            export_hf(model, model.rotary.rope, str(out), overwrite=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
 
-    export_hf(model, model.rotary.rope, str(out), max_shard_bytes=250_000)
+    export_hf(model, model.rotary.rope, str(out), max_shard_bytes=250_000, overwrite=True)
     assert os.listdir(tmp_path) == ["out"]
     files = sorted(os.listdir(out))
-    assert "old.txt" not in files and "config.json" in files and "model.safetensors.index.json" in files
+    assert "old.txt" in files and "config.json" in files and "model.safetensors.index.json" in files
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and all(os.path.getsize(out / f) <= 250_000 + 4096 for f in shards)
     expected = canonical_state_dict(model)
@@ -379,7 +387,7 @@ def test_export_is_atomic_and_sharded(tmp_path, monkeypatch) -> None:
                                                             original_max_position_embeddings=4096))
 
     export_hf(model, model.rotary.rope, str(out), dtype=torch.bfloat16)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [MARKER_NAME, "config.json", "model.safetensors", "old.txt"]
     raw = json.loads((out / "config.json").read_text())
     assert raw["dtype"] == "bfloat16" and raw["rope_parameters"]["rope_type"] == "yarn"
     with open_hf_weights(str(out)) as get:

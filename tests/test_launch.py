@@ -36,7 +36,8 @@ def _cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.
 def test_defaults_come_from_the_schema():
     cfg = _compose()
     assert (cfg.model.name, cfg.attention.backend, cfg.parallel.world_size) == ("tiny", "dense", 2)
-    assert cfg.launcher.kind == "local" and cfg.logging.wandb.mode == "offline"
+    # unset: W&B's environment, then longtrain's default (offline), decide at run time
+    assert cfg.launcher.kind == "local" and cfg.logging.wandb.mode is None
     assert cfg.init_from is None
 
 
@@ -87,10 +88,18 @@ def test_short_run_through_ray_with_two_workers(tmp_path):
     secret = "lt-env-secret-9f8e7d6c5b4a"
     res = _cli("train.steps=40", "data.seq_len=256", "data.batch_size=4", "optim.warmup_steps=5",
                "logging.progress=false", f"output_dir={out}", "logging.wandb.name=smoke",
-               "logging.wandb.tags=[ci]", timeout=600, env={"WANDB_API_KEY": secret})
+               "logging.wandb.tags=[ci]", f"hydra.run.dir={tmp_path}/hydra", timeout=600,
+               env={"WANDB_API_KEY": secret})
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout
     assert "longtrain run summary" in summary and "MFU" in summary
+    # first contact: a start-up line before the wait for step 1, a labelled loss line, no
+    # Ray token-authentication notice, no empty Hydra job log
+    assert "longtrain: starting 2 worker(s) on an embedded Ray" in summary
+    assert re.search(r"loss\s+[\d.]+ -> [\d.]+\s+\(means of the first / last \d+ logged steps",
+                     summary), summary
+    assert "Token authentication" not in res.stderr, res.stderr
+    assert not (tmp_path / "hydra" / "train.log").exists()
     start, end = map(float, re.search(r"loss\s+([\d.]+) -> ([\d.]+)", summary).groups())
     assert end < start * 0.8, summary
     # one log file per rank, with the rank in every line

@@ -16,7 +16,8 @@ def test_data_presets_and_fields():
     files = _compose("data=files", "data.path=/corpus", "data.text_field=body")
     assert (files.data.source, files.data.path, files.data.text_field) == \
         ("files", "/corpus", "body")
-    assert files.data.tokenizer == "byte" and files.data.add_bos and files.data.shuffle
+    # auto: init.from's tokenizer (resolved by apply_init_from), byte without one
+    assert files.data.tokenizer == "auto" and files.data.add_bos and files.data.shuffle
     hub = _compose("data=hf", "data.name=allenai/c4", "data.subset=en", "data.streaming=true")
     assert (hub.data.source, hub.data.name, hub.data.subset, hub.data.streaming) == \
         ("hf", "allenai/c4", "en", True)

@@ -281,3 +281,65 @@ def test_wandb_offline_files_hold_metrics_config_alerts_and_no_secret(tmp_path, 
     for path in glob.glob(str(tmp_path / "**" / "*"), recursive=True):
         if os.path.isfile(path):
             assert SECRET.encode() not in open(path, "rb").read(), path
+
+
+# --------------------------------------------------------------------------- memory and balance
+
+SLOW_RANK, SLOW_S = 1, 0.25
+
+
+def _imbalance_worker(runtime, out_path: str) -> None:
+    """Rank SLOW_RANK sleeps before each forward (a slow rank, injected through its model);
+    every rank reports what the loop measured."""
+    from longtrain.config.schema import RunConfig
+    from longtrain.config.validate import validate
+    from longtrain.train.loop import TrainState, train
+
+    cfg = RunConfig()
+    cfg.parallel.world_size, cfg.parallel.cp = 2, 2
+    cfg.attention.backend = "ring"
+    cfg.data.seq_len, cfg.data.batch_size, cfg.data.micro_batch_size = 512, 2, 1
+    cfg.train.steps = 3
+    cfg.logging.peak_tflops = 0.5
+    cfg.memory.budget_gib = 3.5
+    cfg.checkpoint.resume, cfg.checkpoint.every, cfg.checkpoint.save_final = "never", 0, False
+    validate(cfg)
+    state = TrainState.create(cfg, runtime)
+    if runtime.rank == SLOW_RANK:
+        state.model.register_forward_pre_hook(lambda *_: time.sleep(SLOW_S))
+    metrics = [{k: float(v) for k, v in m.items()} for m in train(cfg, runtime, state=state)]
+    with open(f"{out_path}.{runtime.rank}", "w") as f:
+        json.dump(metrics, f)
+
+
+def test_memory_references_and_compute_balance_over_ranks(tmp_path):
+    """Beside the measured peaks: the device's capacity, the budget and the planner's estimate;
+    compute time min / max over ranks and the slowest rank, found when one rank is slowed."""
+    from longtrain.memory.planner import GIB, estimate_bytes
+    from longtrain.config.schema import RunConfig
+
+    path = str(tmp_path / "m.json")
+    run_distributed(_imbalance_worker, world_size=2, cp=2, args=(path,))
+    per_rank = [json.load(open(f"{path}.{r}")) for r in (0, 1)]
+    # identical on every rank
+    for a, b in zip(*per_rank):
+        for key in ("mem_capacity_gib", "mem_budget_gib", "mem_estimate_gib", "compute_s_min",
+                    "compute_s_max", "compute_slowest_rank", "mem_peak_gib_max"):
+            assert a[key] == b[key], key
+    cfg = RunConfig()
+    cfg.parallel.world_size, cfg.parallel.cp = 2, 2
+    cfg.attention.backend = "ring"
+    cfg.data.seq_len, cfg.data.batch_size, cfg.data.micro_batch_size = 512, 2, 1
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    for m in per_rank[0]:
+        assert m["mem_capacity_gib"] == pytest.approx(ram_gib)
+        assert m["mem_budget_gib"] == 3.5
+        assert m["mem_estimate_gib"] == pytest.approx(estimate_bytes(cfg, on_gpu=False) / GIB)
+        assert 0 < m["mem_estimate_gib"] < m["mem_capacity_gib"]
+        assert m["mem_peak_gib_max"] < m["mem_capacity_gib"]
+        # the slow rank computes for SLOW_S more per micro-batch; the other waits for it in
+        # collectives, which is communication time, not compute
+        assert m["compute_slowest_rank"] == SLOW_RANK
+        assert m["compute_s_max"] >= SLOW_S
+        assert m["compute_s_max"] - m["compute_s_min"] >= 0.8 * SLOW_S
+        assert 0 <= m["compute_s_min"] <= m["compute_s_max"] <= m["step_time_s"] + 1e-6

@@ -92,6 +92,9 @@ def test_check_lists_every_violated_constraint(tmp_path) -> None:
 def test_check_says_when_the_memory_does_not_fit(tmp_path) -> None:
     res = _check("model.layer_pattern=3:1", "attention=lasp2", "parallel.cp=2",
                  "memory.budget_gib=0.01", cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr
+    # valid but too big: a distinct, documented non-zero code, so a submission script stops
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "constraints: all satisfied" in res.stdout
+    assert "memory: the estimate does NOT fit the budget (exit 3)" in res.stdout
     assert "0-2: linear (lasp2); 3: softmax (allgather)" in res.stdout
     assert "does NOT fit" in res.stdout and "raise parallel.cp" in res.stdout

@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from hydra import compose, initialize_config_module
 
-from longtrain.config.schema import LauncherConfig
+from longtrain.config.schema import LauncherConfig, RunConfig
+from longtrain.observability.progress import Progress
 from longtrain_launch.slurm import Allocation, fit_launcher, job_signals_ignored_by_children
+from longtrain_launch.slurm_submit import job_resources, register_slurm_launcher
 from longtrain_launch.store import register_configs
 
 register_configs()
+register_slurm_launcher()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -36,13 +42,145 @@ def test_slurm_launcher_composes_with_the_overrides_users_pass():
     with initialize_config_module(config_module="longtrain_conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    # hydra-submitit-launcher's, checking every job before it submits
+    assert launcher._target_ == "hydra_plugins.longtrain.LongtrainSlurmLauncher"
     assert (launcher.nodes, launcher.gpus_per_node, launcher.partition, launcher.account,
             launcher.timeout_min) == (2, 8, "gpu", "proj", 600)
-    # our defaults on top of the plugin's
-    assert (launcher.tasks_per_node, launcher.signal_delay_s, launcher.max_num_timeout) == \
-        (1, 120, 3)
+    # our defaults on top of the plugin's; resources left unset follow the run's layout
+    assert (launcher.signal_delay_s, launcher.max_num_timeout, launcher.check_only) == \
+        (120, 3, False)
     assert launcher.submitit_folder.endswith("/.submitit/%j")
+    with initialize_config_module(config_module="longtrain_conf", version_base="1.3"):
+        plain = compose(config_name="config", overrides=["hydra/launcher=slurm"],
+                        return_hydra_config=True).hydra.launcher
+    assert (plain.nodes, plain.tasks_per_node, plain.cpus_per_task, plain.gpus_per_node) == \
+        (None, None, None, None)
+
+
+def _run_cfg(**fields) -> RunConfig:
+    cfg = RunConfig()
+    for dotted, value in fields.items():
+        section, name = dotted.split("__")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                       **{name: value})})
+    return cfg
+
+
+def test_unset_job_resources_follow_the_runs_layout():
+    unset = {"nodes": None, "tasks_per_node": None, "cpus_per_task": None, "gpus_per_node": None}
+    # the defaults on this 2-CPU machine: 2 ranks, one CPU each, one task
+    res, found = job_resources(unset, _run_cfg(parallel__world_size=2))
+    assert (res.nodes, res.tasks_per_node, res.cpus_per_task, res.gpus_per_node) == (1, 1, 2, 0)
+    assert not found
+    res, _ = job_resources(unset, _run_cfg(parallel__world_size=4, launcher__cpus_per_worker=3))
+    assert res.cpus_per_task == 12
+    # 16 GPU ranks on 8-GPU nodes: two nodes of one task, 8 ranks (and CPUs) each
+    res, found = job_resources({**unset, "gpus_per_node": 8}, _run_cfg(parallel__world_size=16))
+    assert (res.nodes, res.tasks_per_node, res.cpus_per_task, res.gpus_per_node) == (2, 1, 8, 8)
+    assert not found and res.as_params()["gpus_per_node"] == 8
+    # what the user set is kept (and checked)
+    res, found = job_resources({**unset, "nodes": 2, "tasks_per_node": 1, "cpus_per_task": 5},
+                               _run_cfg(parallel__world_size=4))
+    assert (res.nodes, res.cpus_per_task) == (2, 5) and not found
+
+
+def test_job_resources_that_do_not_fit_the_run_are_named():
+    unset = {"nodes": None, "tasks_per_node": None, "cpus_per_task": None, "gpus_per_node": None}
+
+    def problems(params, **cfg):
+        return " | ".join(job_resources({**unset, **params}, _run_cfg(**cfg))[1])
+
+    assert "set hydra.launcher.cpus_per_task>=4" in problems(
+        {"cpus_per_task": 2}, parallel__world_size=4)
+    assert "needs 16 GPU(s) per node; the job has 8" in problems(
+        {"gpus_per_node": 8, "nodes": 1}, parallel__world_size=16)
+    idle = problems({"gpus_per_node": 8, "nodes": 2}, parallel__world_size=8)
+    assert "nodes=2 x gpus_per_node=8 = 16 GPUs for parallel.world_size=8" in idle
+    assert "hydra.launcher.nodes=1" in idle
+    assert "set hydra.launcher.tasks_per_node=1" in problems(
+        {"gpus_per_node": 8, "tasks_per_node": 2}, parallel__world_size=16)
+    assert "4 tasks for parallel.world_size=2: 2 would hold no rank" in problems(
+        {"nodes": 4}, parallel__world_size=2)
+    assert "launcher.kind=ray with hydra/launcher=slurm" in problems(
+        {}, launcher__kind="ray", launcher__address="h:1")
+
+
+def _train_cli(*args: str, cwd, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(BIN, "longtrain-train"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=_env(), cwd=cwd)
+
+
+def test_a_bad_sweep_submits_nothing_and_names_every_problem_of_every_job(tmp_path):
+    """Checked on the submitting host, before sbatch (no Slurm needed): every job's own
+    constraints and its fit to the hydra.launcher.* resources."""
+    start = time.monotonic()
+    sweep = tmp_path / "sweep"
+    res = _train_cli("-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+                     "hydra.launcher.cpus_per_task=2", "parallel.world_size=2,4",
+                     "train.steps=3,0", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stderr
+    # one good job does not let the three bad ones through
+    assert "3 of 4 job(s) would fail; nothing submitted to Slurm" in err, err
+    assert "job #0 " not in err
+    for num, overrides in enumerate(["parallel.world_size=2 train.steps=0",
+                                     "parallel.world_size=4 train.steps=3",
+                                     "parallel.world_size=4 train.steps=0"], start=1):
+        assert f"job #{num} ({overrides}):" in err
+    assert err.count("train.steps=0 must be >= 1") == 2
+    assert err.count("the job has 2 (set hydra.launcher.cpus_per_task>=4)") == 2
+    assert "Traceback" not in err
+    assert not (sweep / ".submitit").exists()
+    assert time.monotonic() - start < 60
+
+
+def test_check_checks_the_slurm_launchers_resources_and_submits_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = _train_cli("--check", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+                     "hydra.launcher.cpus_per_task=1", "parallel.world_size=2", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "needs at least 2 CPU(s) per task; the job has 1" in res.stderr
+    assert "set hydra.launcher.cpus_per_task>=2" in res.stderr
+    # unset, the resources are derived and the run's report follows
+    res = _train_cli("--check", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+                     "parallel.world_size=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "would get 1 node(s) x 1 task(s), 2 CPU(s) per task" in res.stdout
+    assert "constraints: all satisfied" in res.stdout
+    assert not (sweep / ".submitit").exists()
+
+
+def test_a_failed_jobs_error_is_one_line():
+    from longtrain_launch.slurm_submit import _error_line
+
+    reported = ("Job (task=0) failed during processing with trace:\n----------------------\n"
+                "Traceback (most recent call last):\n  File \"/x.py\", line 1, in f\n"
+                "    raise ConfigError([problem])\n"
+                "longtrain.config.errors.ConfigError: invalid configuration (1 problem(s)):\n"
+                "  - data.path: cannot read /tmp/bad.jsonl as json\n\n----------------------\n"
+                "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+                "  - /s/.submitit/1_1/1_1_0_log.err\n  - /s/.submitit/1_1/1_1_0_log.out\n")
+    assert _error_line(reported) == ("ConfigError: invalid configuration (1 problem(s)): "
+                                     "- data.path: cannot read /tmp/bad.jsonl as json")
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_report():
+    """In a batch job stderr is a file: no tqdm frames (`\r`), one line per `logging.every`
+    steps (the driver reports every `logging.every` steps)."""
+    stream = io.StringIO()
+    progress = Progress(total=6, enabled=True, stream=stream)
+    for step in (2, 4, 6):
+        progress.update({"step": step, "loss": 5.0 / step, "tokens_per_s": 1234.0})
+    progress.close()
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[1] == "train step 4/6  loss 1.2500  tokens/s 1,234"
+    quiet = io.StringIO()
+    off = Progress(total=6, enabled=False, stream=quiet)
+    off.update({"step": 2, "loss": 1.0, "tokens_per_s": 1.0})
+    assert quiet.getvalue() == ""
 
 
 def test_without_multirun_the_slurm_launcher_refuses_to_train_here(tmp_path):
@@ -270,14 +408,66 @@ def test_a_sweep_is_one_slurm_job_per_combination(local_slurm, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_that_does_not_fit_its_job_fails_the_submitting_command(local_slurm, tmp_path):
-    """Four ranks on a job of two CPUs: the job's error is the submitting command's."""
-    start = time.monotonic()
-    res = _submit(tmp_path / "sweep", "parallel.world_size=4", "hydra.launcher.cpus_per_task=2",
-                  timeout=300)
-    assert res.returncode != 0
-    assert "set hydra.launcher.cpus_per_task>=4" in res.stderr + res.stdout
-    assert time.monotonic() - start < 120
+def test_default_resources_train_and_a_failed_run_fails_its_slurm_job(local_slurm, tmp_path):
+    """No hydra.launcher.* resources: they follow the layout (2 ranks: 2 CPUs). A sweep of
+    two jobs: #0 trains; #1's corpus cannot be read, which only the driver finds out, in the
+    job. Slurm records #1 FAILED with exit code 1 (not COMPLETED, hydra#1928) and #0
+    COMPLETED; the submitting command prints each job's id, run dir and logs at submission,
+    one line per job at the end, and exits 1."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    sweep = tmp_path / "sweep"
+    # Slurm forgets an ended job after MinJobAge (30 s here, no accounting): watch meanwhile
+    ended: dict[str, dict[str, str]] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        res = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True,
+                             text=True, timeout=60)
+        for line in res.stdout.splitlines():
+            state = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if state.get("JobState") in ("COMPLETED", "FAILED") and "ArrayTaskId" in state:
+                ended[f"{state['ArrayJobId']}_{state['ArrayTaskId']}"] = state
+
+    def watch() -> None:
+        while not stop.wait(1):
+            poll()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        res = _submit(sweep, "train.steps=2", "data=synthetic,files", f"data.path={bad}",
+                      "hydra.launcher.timeout_min=10")
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    out = res.stdout
+    assert res.returncode == 1, out[-3000:] + res.stderr[-3000:]
+    submitted = dict((int(num), job) for job, num in
+                     re.findall(r"submitted Slurm job (\S+) for #(\d) ", out))
+    assert sorted(submitted) == [0, 1], out
+    for num, job in submitted.items():
+        logs = sweep / ".submitit" / job / f"{job}_0_log"
+        assert f"run dir {sweep / str(num)}\n" in out
+        assert f"logs    {logs}.out {logs}.err\n" in out
+    good, failed = submitted[0], submitted[1]
+    # the result file comes before the job's end: the last one may still be ending
+    deadline = time.monotonic() + 20
+    while not {good, failed} <= set(ended) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        poll()
+    assert re.search(rf"job {good} #0 \(.*\): 2 steps, loss \d", out), out
+    assert re.search(rf"job {failed} #1 \(.*\): FAILED: .*cannot read {bad} .*"
+                     rf"\(see .*{failed}_0_log.err\)", out), out
+    assert "1 of 2 Slurm job(s) failed" in res.stderr
+    assert "Traceback" not in out + res.stderr
+    states = {job: (s.get("JobState"), s.get("ExitCode")) for job, s in ended.items()}
+    assert states.get(good) == ("COMPLETED", "0:0"), states
+    assert states.get(failed) == ("FAILED", "1:0"), states
+    # submitit's result file still carries the error back
+    results = _job_results(sweep)
+    assert results[failed][0][0] == "error" and "cannot read" in results[failed][0][1]
+    assert results[good][0][0] == "success"
 
 
 def _job_state(job: str) -> dict[str, str]:

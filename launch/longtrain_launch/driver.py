@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from longtrain.config.schema import RunConfig
 from longtrain.observability.log import get_logger
@@ -30,13 +30,16 @@ _PERMANENT = (ValueError, TypeError, KeyError, AssertionError, NotImplementedErr
 
 
 class _StopSignals:
-    """SIGTERM / SIGUSR1 -> a flag the driver loop turns into a stop request to the workers.
+    """SIGTERM / SIGUSR1 / SIGINT -> a flag the driver loop turns into a stop request to the
+    workers: they checkpoint after the current step and stop. A second SIGINT (Ctrl-C twice)
+    aborts at once with KeyboardInterrupt.
 
     Built before Ray starts (Ray's driver installs its own SIGTERM exit), so `previous` holds
     the handlers of whoever ran us: submitit's requeue under Slurm, the default otherwise.
-    `forward()` hands the signal to those after the checkpoint."""
+    `forward()` hands the signal to those after the checkpoint. Ray starts its own processes
+    with SIGINT blocked, so a Ctrl-C on the terminal reaches only this driver."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -54,8 +57,16 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        get_logger().warning("received %s: checkpointing and stopping",
-                             signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            return
+        get_logger().warning("received %s: checkpointing and stopping", name)
+        hint = " (Ctrl-C again aborts without it)" if signum == signal.SIGINT else ""
+        print(f"\nlongtrain: {name}: saving a checkpoint after the current step, then "
+              f"stopping{hint}", file=sys.stderr, flush=True)
         self.received = signum
 
     def __exit__(self, *_exc: Any) -> None:
@@ -65,9 +76,10 @@ class _StopSignals:
 
     def forward(self) -> None:
         """After the checkpoint: run the handler that was there before us, if it is Python
-        code (submitit requeues the job and exits); the default action is not re-raised."""
+        code (submitit requeues the job and exits); the default action is not re-raised, nor
+        Python's own KeyboardInterrupt."""
         handler = self.previous.get(self.received) if self.received else None
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:
             handler(self.received, None)
 
 
@@ -139,8 +151,10 @@ def _run_group(cfg: RunConfig, *, on_metrics, stop: _StopSignals) -> None:
                     del others[ref]
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Train `cfg` on a Ray worker group, restarting it on failures; returns the summary."""
+def run(cfg: RunConfig, *, alerts: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Train `cfg` on a Ray worker group, restarting it on failures; returns the summary.
+    `alerts`: (title, text) of what the entry point found before the run (e.g. a damaged
+    checkpoint it skipped), raised once as W&B alerts when the run starts."""
     from longtrain.checkpoint.native import resolve_resume
     from longtrain.observability.wandb_run import WandbRun
     from longtrain_launch.group import init_ray
@@ -162,8 +176,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     attempt = cfg
     try:
+        # W&B's own environment (WANDB_PROJECT, WANDB_DIR, ...) fills what the config leaves unset
         wandb_run = WandbRun(cfg.logging.wandb, config=dataclasses.asdict(cfg),
-                             output_dir=cfg.output_dir)
+                             output_dir=cfg.output_dir, environ=os.environ)
+        for title, text in alerts:
+            wandb_run.alert(title, text)
         reporter = Reporter(wandb_run, progress, summary)
         with stop:
             while True:
@@ -214,7 +231,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if wandb_run is not None:
         wandb_run.finish(result)
         result["wandb_dir"] = wandb_run.directory
+        result["wandb_mode"] = wandb_run.mode
     result["output_dir"] = cfg.output_dir
+    if stop.received:
+        result["stop_signal"] = signal.Signals(stop.received).name
+        # the conventional 128 + signal: a clean, checkpointed stop, never a crash's 1
+        result["exit_code"] = 128 + int(stop.received)
     if cfg.train.save_hf and not stopped_at:
         result["hf_dir"] = os.path.join(cfg.output_dir, "hf")
     return result

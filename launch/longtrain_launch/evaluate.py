@@ -18,10 +18,13 @@ from omegaconf import DictConfig
 
 from longtrain.config.eval_schema import EvalRunConfig
 from longtrain.eval.preflight import EvalPlan, plan_eval
+from longtrain_launch.cli import (EXIT_BAD_INPUT, AppRun, config_groups, unknown_key_problems,
+                                  version_line)
 from longtrain_launch.group import RankActor
 from longtrain_launch.store import register_configs, to_eval_config
 
 register_configs()
+_RUN = AppRun("longtrain-eval")
 
 
 class EvalWorker(RankActor):
@@ -71,11 +74,13 @@ def run_plan(plan: EvalPlan) -> dict[str, Any]:
     plot_heatmap(summary, png_path)
     write_json(summary, json_path)
     metrics = wandb_metrics(summary)
-    run = WandbRun(cfg.logging.wandb, config=dataclasses.asdict(cfg), output_dir=cfg.output_dir)
+    run = WandbRun(cfg.logging.wandb, config=dataclasses.asdict(cfg), output_dir=cfg.output_dir,
+                   environ=os.environ)
     run.log_results(metrics, images={"eval/needle_heatmap": png_path},
                     tables={"eval/accuracy_grid": grid_rows(summary)})
     run.finish(metrics)
-    return {**summary, "json": json_path, "heatmap": png_path, "wandb_dir": run.directory}
+    return {**summary, "json": json_path, "heatmap": png_path, "wandb_dir": run.directory,
+            "wandb_mode": run.mode}
 
 
 def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
@@ -85,6 +90,7 @@ def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="eval")
 def _app(dcfg: DictConfig) -> dict[str, Any]:
+    _RUN.started()
     from longtrain.config.errors import ConfigError
     from longtrain.eval.report import render_table
     from longtrain.observability.log import configure_logging
@@ -108,14 +114,23 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
     lines = [render_table(result), f"  results        {result['json']}",
              f"  heatmap        {result['heatmap']}"]
     if result["wandb_dir"]:
-        lines.append(f"  W&B run        {result['wandb_dir']} ({cfg.logging.wandb.mode})")
+        lines.append(f"  W&B run        {result['wandb_dir']} ({result['wandb_mode']})")
     lines.append(f"  wall time      {result['wall_time_s']:.1f} s")
     print("\n".join(lines), flush=True)
     return result
 
 
 def main() -> None:
-    _app()
+    if "--version" in sys.argv[1:]:
+        print(version_line("longtrain-eval"))
+        return
+    unknown = unknown_key_problems(sys.argv[1:], schema=EvalRunConfig,
+                                   groups=config_groups() | {"eval"})
+    if unknown:
+        print(f"longtrain-eval: invalid configuration ({len(unknown)} problem(s)):\n"
+              + "\n".join(f"  - {p}" for p in unknown), file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    _RUN(_app)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@
 
 `checkpoint` is a Hugging Face directory, a native checkpoint, or a directory of native
 checkpoints (its newest is used).
+
+format=hf writes config.json (with the model's bos/eos/pad token ids), model*.safetensors,
+generation_config.json and the tokenizer files: the source's, or for a native checkpoint
+those of the tokenizer it was trained with (`tokenizer=<dir>` names another). `out` must be
+new, empty or an earlier export; `overwrite=true` writes into any other directory, replacing
+only the files an export owns (config.json, generation_config.json, model*.safetensors and
+its index, tokenizer files) and keeping every other file.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import sys
 from typing import Optional
 
 USAGE = ("usage: longtrain-export checkpoint=<dir> out=<dir> [format=hf|native] "
-         "[dtype=auto|fp32|bf16|fp16]")
-_DEFAULTS = {"checkpoint": None, "out": None, "format": "hf", "dtype": "auto"}
+         "[dtype=auto|fp32|bf16|fp16] [overwrite=false|true] [tokenizer=<dir>|byte]")
+_DEFAULTS = {"checkpoint": None, "out": None, "format": "hf", "dtype": "auto",
+             "overwrite": "false", "tokenizer": None}
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -28,12 +36,15 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     missing = [k for k in ("checkpoint", "out") if not opts[k]]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)}")
-    return {k: str(v) for k, v in opts.items()}
+    if opts["overwrite"] not in ("true", "false"):
+        raise ValueError(f"overwrite={opts['overwrite']!r} must be true or false")
+    return {k: str(v) for k, v in opts.items() if v is not None}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from longtrain.checkpoint.convert import convert
     from longtrain.checkpoint.source import source_problems
+    from longtrain.data.tokenizer import tokenizer_problems
     from longtrain.observability.log import configure_logging
 
     argv = sys.argv[1:] if argv is None else argv
@@ -46,8 +57,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if problems:
             raise ValueError("; ".join(problems))
         configure_logging(console=True)
+        if "tokenizer" in opts and tokenizer_problems(opts["tokenizer"]):
+            raise ValueError(tokenizer_problems(opts["tokenizer"])[0].replace("data.", ""))
         out = convert(opts["checkpoint"], opts["out"], format=opts["format"],
-                      dtype=opts["dtype"])
+                      dtype=opts["dtype"], overwrite=opts["overwrite"] == "true",
+                      tokenizer=opts.get("tokenizer"))
     except (ValueError, FileNotFoundError) as exc:
         print(f"longtrain-export: {exc}\n{USAGE}", file=sys.stderr)
         return 2

@@ -8,13 +8,16 @@ every exit path.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
+from longtrain.config.errors import ConfigError
 from longtrain.config.schema import AttentionConfig, LauncherConfig, ParallelConfig
 from longtrain.observability.log import get_logger
 
@@ -38,6 +41,10 @@ def init_ray(cfg: GroupConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray >= 2.50 announces at every start that token authentication is on (it stays on):
+    # a line per run that tells a longtrain user nothing to act on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     if cfg.launcher.kind == "local":
         from longtrain_launch.slurm import job_signals_ignored_by_children
 
@@ -50,8 +57,51 @@ def init_ray(cfg: GroupConfig) -> bool:
                      include_dashboard=False, log_to_driver=False, configure_logging=True,
                      logging_level="WARNING", _node_ip_address="127.0.0.1")
     else:
+        wait_for_head(cfg.launcher.address, timeout_s=cfg.launcher.connect_timeout_s)
         ray.init(address=cfg.launcher.address, log_to_driver=False, logging_level="WARNING")
     return True
+
+
+class HeadUnreachable(ConfigError):
+    """launcher.address names no Ray head that answers."""
+
+
+def _head_host_port(address: str) -> tuple[str, int] | None:
+    """host and port of a head address (`host:port` or `ray://host:port`); None for `auto`,
+    which Ray resolves from the cluster started on this machine."""
+    if address in ("auto", "local"):
+        return None
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise HeadUnreachable([f"launcher.address={address!r} is not <host>:<port> "
+                               f"(e.g. 10.0.0.1:6379, ray://10.0.0.1:10001 or auto)"])
+    return host.strip("[]"), int(port)
+
+
+def wait_for_head(address: str | None, *, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Return once something accepts TCP connections at the head's address; raise
+    HeadUnreachable naming it after `timeout_s` (a head that is still starting gets that
+    long)."""
+    if address is None:
+        raise HeadUnreachable(["launcher.kind=ray needs launcher.address (<host>:<port> of a "
+                               "running Ray head, or auto)"])
+    target = _head_host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(target, timeout=min(5.0, max(timeout_s, 0.1))):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        if time.monotonic() + poll_s > deadline:
+            raise HeadUnreachable([
+                f"launcher.address={address}: no Ray head answers there ({reason}) after "
+                f"{timeout_s:g} s (launcher.connect_timeout_s); start one with `ray start "
+                f"--head --port={target[1]}` on {target[0]}, or fix the address"])
+        time.sleep(poll_s)
 
 
 def quiet_third_party() -> None:

@@ -106,15 +106,22 @@ class Allocation:
         cpus_per_task = int(cpus) if cpus else \
             max(1, int(os.environ.get("SLURM_CPUS_ON_NODE", "1")) // tasks_on_node)
         gpus_on_node = _count_gpus(os.environ.get("SLURM_GPUS_ON_NODE", ""))
-        if gpus_on_node and tasks_on_node > 1:
-            raise ValueError(
-                f"hydra.launcher.tasks_per_node={tasks_on_node} with {gpus_on_node} GPU(s) per "
-                "node: longtrain runs one task per node (one Ray node each, owning the node's "
-                "GPUs); set hydra.launcher.tasks_per_node=1")
+        problem = one_task_per_gpu_node(tasks_on_node, gpus_on_node)
+        if problem:
+            raise ValueError(problem)
         return cls(job_id=str(env.job_id), rank=env.global_rank, num_tasks=env.num_tasks,
                    num_nodes=env.num_nodes, cpus_per_task=cpus_per_task,
                    gpus_per_task=gpus_on_node, folder=str(env.paths.folder),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+
+
+def one_task_per_gpu_node(tasks_per_node: int, gpus_per_node: int) -> Optional[str]:
+    """Why a job with GPUs must run one task per node (None when it does)."""
+    if gpus_per_node and tasks_per_node > 1:
+        return (f"hydra.launcher.tasks_per_node={tasks_per_node} with {gpus_per_node} GPU(s) "
+                "per node: longtrain runs one task per node (one Ray node each, owning the "
+                "node's GPUs); set hydra.launcher.tasks_per_node=1")
+    return None
 
 
 def _count_gpus(value: str) -> int:

@@ -13,9 +13,12 @@ from omegaconf import DictConfig
 
 from longtrain.config.schema import RunConfig
 from longtrain.observability.progress import render_summary
+from longtrain_launch.cli import (EXIT_BAD_INPUT, AppRun, config_groups, nothing_written,
+                                  unknown_key_problems, version_line)
 from longtrain_launch.store import register_configs, to_run_config
 
 register_configs()
+_RUN = AppRun("longtrain-train")
 
 
 def prepare(dcfg: DictConfig):
@@ -50,6 +53,7 @@ def prepare(dcfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
 def _app(dcfg: DictConfig) -> dict[str, Any]:
+    _RUN.started()
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -74,6 +78,7 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
 
 def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None = None,
            in_job: bool = False) -> dict[str, Any]:
+    from longtrain.config.preflight import describe_init_and_rope, rope_warnings
     from longtrain.config.errors import ConfigError
     from longtrain.observability.log import configure_logging
 
@@ -96,12 +101,16 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
     if data_line:
         print(f"longtrain: {data_line}", flush=True)
 
-    from longtrain.checkpoint.native import resolve_resume
+    from longtrain.checkpoint.native import choose_resume
 
     # resolved once here, so every worker continues from the same checkpoint
-    resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
+    choice = choose_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
+    resume = choice.path
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
                                                                   resume=resume or "never"))
+    # a damaged newer checkpoint is passed over: say which and why, where the user looks
+    for line in choice.skipped_lines():
+        print(f"longtrain-train: warning: {line}", file=sys.stderr, flush=True)
     if resume:
         print(f"longtrain: resuming from {resume}", flush=True)
     from longtrain.memory.planner import Policy
@@ -111,16 +120,41 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
           f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps"
           f"{'' if memory == 'none' else f', memory {memory}'} -> {cfg.output_dir}", flush=True)
-    result = run(cfg)
+    print(f"longtrain: {describe_init_and_rope(cfg)}", flush=True)
+    from longtrain.checkpoint.source import tokenizer_warnings
+
+    for warning in [*rope_warnings(cfg), *tokenizer_warnings(cfg)]:
+        print(f"longtrain-train: warning: {warning}", file=sys.stderr, flush=True)
+    where = ("an embedded Ray" if cfg.launcher.kind == "local"
+             else f"the Ray cluster at {cfg.launcher.address}")
+    print(f"longtrain: starting {cfg.parallel.world_size} worker(s) on {where}; step 1 comes "
+          f"after the model build and a GEMM peak measurement", flush=True)
+    try:
+        skipped = choice.skipped_lines()
+        alert = "; ".join(skipped) + f"; resuming from {resume or 'the start'}"
+        result = run(cfg, alerts=[("damaged checkpoint skipped", alert)] if skipped else ())
+    except ConfigError as exc:
+        print(f"longtrain-train: {exc}", file=sys.stderr)
+        if in_job:
+            raise
+        sys.exit(2)
     if result.get("stopped_at"):
-        print(f"longtrain: stopped at step {result['stopped_at']} on a signal, checkpoint saved "
-              f"in {cfg.checkpoint_dir}; run the same command to resume", flush=True)
+        from longtrain.checkpoint.native import list_checkpoints
+
+        saved = list_checkpoints(cfg.checkpoint_dir)
+        where = saved[-1][1] if saved else cfg.checkpoint_dir
+        print(f"longtrain: stopped at step {result['stopped_at']} on "
+              f"{result.get('stop_signal', 'a signal')}, checkpoint saved in {where}; run the "
+              f"same command to resume (checkpoint.resume=auto)", flush=True)
     extra = {"output": result["output_dir"]}
     if result.get("wandb_dir"):
-        extra["W&B run"] = f"{result['wandb_dir']} ({cfg.logging.wandb.mode})"
+        extra["W&B run"] = f"{result['wandb_dir']} ({result.get('wandb_mode')})"
     if result.get("hf_dir"):
         extra["HF weights"] = result["hf_dir"]
     print(render_summary(result, extra=extra), flush=True)
+    if result.get("exit_code") and not in_job:
+        # a clean stop on a signal: 128 + signal (130 for Ctrl-C, 143 for SIGTERM)
+        sys.exit(result["exit_code"])
     return result
 
 
@@ -129,7 +163,7 @@ def _check(dcfg: DictConfig) -> dict[str, Any]:
     constraint; start nothing. Exits 2 when a constraint fails."""
     from longtrain.checkpoint.hf import apply_init_from
     from longtrain.config.errors import ConfigError
-    from longtrain.config.preflight import check_report
+    from longtrain.config.preflight import EXIT_BAD_INPUT, EXIT_NO_FIT, check_report
     from longtrain.model.llama import apply_layer_pattern
     from longtrain.train.schedule import apply_schedule
 
@@ -149,10 +183,12 @@ def _check(dcfg: DictConfig) -> dict[str, Any]:
             except ValueError as exc:
                 print(f"longtrain-train --check: {exc}", file=sys.stderr)
                 sys.exit(2)
-    report, found = check_report(cfg)
+    report, found, fits = check_report(cfg)
     print(report, flush=True)
     if found:
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    if not fits:
+        sys.exit(EXIT_NO_FIT)
     return {"checked": True}
 
 
@@ -161,9 +197,18 @@ _CHECK_ONLY = False
 
 
 def _check_here(args: list[str]) -> list[str]:
-    """--check never submits: a Slurm launcher selection and its `hydra.launcher.*` settings
-    are dropped, so every run of a sweep is checked here, by the default launcher (the
-    submitted job would not know it was meant to check, and would train)."""
+    """--check never submits. With `-m hydra/launcher=slurm`, the launcher checks every job
+    of the sweep, its `hydra.launcher.*` resources included, and runs each job's report here
+    (`hydra.launcher.check_only=true`). Other launcher settings are dropped, so the runs are
+    checked here by the default launcher (a submitted job would not know it was meant to
+    check, and would train)."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if multirun and "hydra/launcher=slurm" in args:
+        launcher = [a for a in args if a.lstrip("+~").startswith(("hydra/launcher=",
+                                                                   "hydra.launcher."))]
+        print(f"longtrain-train --check: checking here instead of submitting, each job with "
+              f"its Slurm resources ({' '.join(launcher)})", file=sys.stderr)
+        return [*args, "hydra.launcher.check_only=true"]
     dropped = [a for a in args if a.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
     if dropped:
         print(f"longtrain-train --check: checking here instead of submitting (ignored: "
@@ -173,14 +218,35 @@ def _check_here(args: list[str]) -> list[str]:
 
 def main() -> None:
     global _CHECK_ONLY
+    if "--version" in sys.argv[1:]:
+        print(version_line("longtrain-train"))
+        return
+    unknown = unknown_key_problems(sys.argv[1:], schema=RunConfig, groups=config_groups())
+    if unknown:
+        print(f"longtrain-train: invalid configuration ({len(unknown)} problem(s)):\n"
+              + "\n".join(f"  - {p}" for p in unknown), file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     if "--check" in sys.argv[1:]:
         sys.argv.remove("--check")
         _CHECK_ONLY = True
         sys.argv[1:] = _check_here(sys.argv[1:])
+        with nothing_written(sys.argv[1:]) as args:
+            sys.argv[1:] = args
+            _prepare_launchers()
+            _RUN(_app)
+        return
+    _prepare_launchers()
+    _RUN(_app)
+
+
+def _prepare_launchers() -> None:
     # hydra/launcher=slurm: submitit's warning signal is USR1 (its default is USR2), the one the
     # driver checkpoints on; read when submitit is imported, here and in the job it submits
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    _app()
+    from longtrain_launch.slurm_submit import register_slurm_launcher
+
+    # a sweep that passed its checks and was submitted has started: a failed job exits 1
+    register_slurm_launcher(on_submit=_RUN.started)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,12 @@ class Worker(RankActor):
             if cfg.train.save_hf and not state.stopped and runtime.dp_rank == 0 \
                     and runtime.cp_rank == 0:
                 from longtrain.checkpoint.hf import export_hf
+                from longtrain.checkpoint.inference_files import inference_files
 
                 out = os.path.join(cfg.output_dir, "hf")
-                export_hf(model, cfg.rope, out, tp_group=runtime.tp_group,
-                          is_writer=runtime.tp_rank == 0)
+                writer = runtime.tp_rank == 0
+                export_hf(model, cfg.rope, out, tp_group=runtime.tp_group, is_writer=writer,
+                          inference=inference_files(cfg.data.tokenizer) if writer else None)
                 log.info("exported Hugging Face weights to %s", out)
         finally:
             shutdown_parallel()

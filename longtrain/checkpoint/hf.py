@@ -18,13 +18,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from longtrain.checkpoint.export_dir import commit_export_dir, make_staging_dir
+from longtrain.checkpoint.inference_files import InferenceFiles
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
 from longtrain.model.rope import LONGTRAIN_ROPE_KEY, rope_from_hf, rope_to_hf
 from longtrain.observability.log import get_logger
@@ -254,8 +254,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, *, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json contents that make transformers build the same model as `cfg` + `rope`."""
+def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, *, dtype: torch.dtype,
+                   token_ids: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """config.json contents that make transformers build the same model as `cfg` + `rope`;
+    `token_ids`: its bos_token_id / eos_token_id / pad_token_id (null when not given)."""
     from longtrain.model.llama import layer_kinds
 
     if "linear" in layer_kinds(cfg):
@@ -281,11 +283,12 @@ def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, *, dtype: torch.dtype) ->
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
         "use_cache": True,
-        # The model does not know its tokenizer; explicit nulls stop transformers from
-        # filling in Llama's defaults (1 and 2), which would be wrong for most vocabularies.
+        # Unknown ids stay explicit nulls: they stop transformers from filling in Llama's
+        # defaults (1 and 2), which would be wrong for most vocabularies.
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        **(token_ids or {}),
         # transformers 5 reads `dtype`; 4.x reads `torch_dtype`.
         "dtype": _dtype_name(dtype),
         "torch_dtype": _dtype_name(dtype),
@@ -356,41 +359,14 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def _make_staging_dir(out_dir: str) -> str:
-    """A fresh hidden sibling of `out_dir`, so the final rename stays on one filesystem."""
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"export directory {out_dir!r} exists and is not a directory")
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    # mkdtemp makes a private (0700) directory; the export is meant to be shared.
-    os.chmod(staging, 0o755)
-    return staging
-
-
-def _replace_dir(new_dir: str, out_dir: str) -> None:
-    """Move the complete `new_dir` to `out_dir`; an existing `out_dir` is removed only after."""
-    if not os.path.lexists(out_dir):
-        os.rename(new_dir, out_dir)
-        return
-    # POSIX cannot swap two directories atomically; moving the old one aside first keeps it
-    # recoverable, and it is put back if the second rename fails.
-    parent, base = os.path.split(out_dir)
-    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out_dir, old)
-    try:
-        os.rename(new_dir, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _commit_export(writer: _ShardWriter, cfg: ModelConfig, rope: RopeConfig, *, out_dir: str,
-                   dtype: Optional[torch.dtype]) -> None:
-    """Finish the shards, write config.json and move the staged directory into place."""
+                   dtype: Optional[torch.dtype], inference: InferenceFiles,
+                   overwrite: bool) -> None:
+    """Finish the shards, write config.json and the inference files, and move the staged
+    files into place (`longtrain.checkpoint.export_dir`)."""
     writer.finish()
-    config = hf_config_dict(cfg, rope, dtype=dtype or writer.dtype or torch.float32)
+    config = hf_config_dict(cfg, rope, dtype=dtype or writer.dtype or torch.float32,
+                            token_ids=inference.token_ids)
     own_rope = config.get(LONGTRAIN_ROPE_KEY)
     if own_rope is not None:
         get_logger().warning(
@@ -400,7 +376,8 @@ def _commit_export(writer: _ShardWriter, cfg: ModelConfig, rope: RopeConfig, *, 
             out_dir, rope.scaling, rope.theta, own_rope["original_max_position_embeddings"],
             LONGTRAIN_ROPE_KEY)
     _write_json(os.path.join(writer.out_dir, CONFIG_NAME), config)
-    _replace_dir(writer.out_dir, out_dir)
+    inference.write(writer.out_dir)
+    commit_export_dir(writer.out_dir, out_dir, overwrite=overwrite)
 
 
 def _agree_on_failure(failed: bool, *, tp_group, device: torch.device) -> bool:
@@ -416,15 +393,18 @@ def _agree_on_failure(failed: bool, *, tp_group, device: torch.device) -> bool:
 
 def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=None,
               is_writer: bool = True, dtype: Optional[torch.dtype] = None,
-              max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write `model` as a Hugging Face directory (config.json + safetensors) at `out_dir`.
+              max_shard_bytes: int = 2 * 1024**3, inference: Optional[InferenceFiles] = None,
+              overwrite: bool = False) -> None:
+    """Write `model` as a Hugging Face directory at `out_dir`: config.json, safetensors and
+    the `inference` files (token ids, generation_config.json, tokenizer; none if not given).
 
     A collective over `tp_group`: every TP rank calls it and exactly one (`is_writer`) writes.
     Tensors are gathered one at a time and written in shards of at most `max_shard_bytes`
     (`model.safetensors`, or numbered shards + `model.safetensors.index.json`), cast to
-    `dtype` if given. The directory is built as a hidden sibling and renamed into place when
-    complete; an existing `out_dir` is replaced only then, and kept if anything fails. If the
-    writer fails, every rank raises.
+    `dtype` if given. Files are staged in a hidden sibling and moved in when complete; in an
+    existing `out_dir` only the files an export owns are replaced, and a directory that is
+    neither empty nor an earlier export is refused unless `overwrite`
+    (`longtrain.checkpoint.export_dir`). If the writer fails, every rank raises.
     """
     from longtrain.model.sharding import iter_canonical
 
@@ -439,7 +419,8 @@ def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=Non
     writer: Optional[_ShardWriter] = None
     if is_writer:
         try:
-            writer = _ShardWriter(_make_staging_dir(out_dir), max_shard_bytes=max_shard_bytes)
+            writer = _ShardWriter(make_staging_dir(out_dir, overwrite=overwrite),
+                                  max_shard_bytes=max_shard_bytes)
         except Exception as exc:
             error = exc
 
@@ -456,14 +437,15 @@ def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=Non
                 error = exc
         if writer is not None and error is None:
             try:
-                _commit_export(writer, model.cfg, rope, out_dir=out_dir, dtype=dtype)
+                _commit_export(writer, model.cfg, rope, out_dir=out_dir, dtype=dtype,
+                               inference=inference or InferenceFiles(), overwrite=overwrite)
                 committed = True
             except Exception as exc:
                 error = exc
     finally:
         # Also reached when the stream itself fails (a collective error): no staging
         # directory is ever left behind.
-        if writer is not None and not committed:
+        if writer is not None and not committed and os.path.isdir(writer.out_dir):
             shutil.rmtree(writer.out_dir, ignore_errors=True)
 
     if _agree_on_failure(error is not None, tp_group=tp_group, device=device):
@@ -485,15 +467,21 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
     `model` is entirely the checkpoint's. RoPE is the checkpoint's, except that a scaling the
     user asked for (`rope.scaling` other than "none") replaces the checkpoint's scaling
     fields, and for `abf` and `entropy_abf` (whose point is the larger base) the user's theta
-    replaces the checkpoint's theta. Returns `cfg` itself when `init.from` is unset.
+    replaces the checkpoint's theta. `data.tokenizer=auto` becomes the checkpoint's tokenizer
+    (`source_tokenizer`), or "byte" when it has none. Returns `cfg` itself when `init.from`
+    is unset.
     """
     if not cfg.init_from:
         return cfg
-    from longtrain.checkpoint.source import read_model_source
+    from longtrain.checkpoint.source import read_model_source, source_tokenizer
+    from longtrain.data.tokenizer import AUTO, BYTE
     from longtrain.train.schedule import stages
 
     path = str(cfg.init_from)
     model, ckpt_rope = read_model_source(path)
+    data = cfg.data
+    if data.tokenizer == AUTO:
+        data = dataclasses.replace(data, tokenizer=source_tokenizer(path) or BYTE)
     user = cfg.rope
     if user.scaling == "none":
         rope = ckpt_rope
@@ -511,20 +499,24 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
         longest = max(stage.seq_len for stage in stages(cfg))
         model = dataclasses.replace(
             model, max_position_embeddings=max(model.max_position_embeddings, longest))
-    return dataclasses.replace(cfg, model=model, rope=rope)
+    return dataclasses.replace(cfg, model=model, rope=rope, data=data)
 
 
 def write_hf(tensors: Iterable[tuple[str, torch.Tensor]], *, model: ModelConfig,
-             rope: RopeConfig, out_dir: str, max_shard_bytes: int = 2 * 1024**3) -> None:
+             rope: RopeConfig, out_dir: str, max_shard_bytes: int = 2 * 1024**3,
+             inference: Optional[InferenceFiles] = None, overwrite: bool = False) -> None:
     """Write canonical (name, full tensor) pairs as a Hugging Face directory, in one process
-    (the native -> Hugging Face conversion). Staged and renamed into place like `export_hf`."""
+    (the native -> Hugging Face conversion). Staged and moved into place like `export_hf`,
+    with the same rules for an existing `out_dir`."""
     out_dir = os.path.abspath(out_dir)
     rope_to_hf(rope, max_position_embeddings=model.max_position_embeddings)
-    writer = _ShardWriter(_make_staging_dir(out_dir), max_shard_bytes=max_shard_bytes)
+    writer = _ShardWriter(make_staging_dir(out_dir, overwrite=overwrite),
+                          max_shard_bytes=max_shard_bytes)
     try:
         for name, tensor in tensors:
             writer.add(name, tensor)
-        _commit_export(writer, model, rope, out_dir=out_dir, dtype=None)
+        _commit_export(writer, model, rope, out_dir=out_dir, dtype=None,
+                       inference=inference or InferenceFiles(), overwrite=overwrite)
     except BaseException:
         shutil.rmtree(writer.out_dir, ignore_errors=True)
         raise

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from longtrain.parallel.runtime import ParallelRuntime
     from longtrain.train.optim import Optimizer
 
-__all__ = ["CheckpointError", "find_checkpoint", "is_native_checkpoint", "list_checkpoints",
+__all__ = ["CheckpointError", "ResumeChoice", "choose_resume", "find_checkpoint",
+           "is_native_checkpoint", "list_checkpoints",
            "load_train_state", "open_native_weights", "read_manifest", "resolve_resume",
            "save_train_state",
            "write_weights_checkpoint"]
@@ -402,20 +403,40 @@ def open_native_weights(path: str) -> Iterator[Callable[[str], torch.Tensor]]:
     yield get
 
 
-def resolve_resume(resume: str, *, checkpoint_dir: str) -> Optional[str]:
-    """The checkpoint a run continues from: `checkpoint.resume` = "never" -> None; "auto" ->
-    the newest complete checkpoint in `checkpoint_dir` (None if there is none; a damaged
-    newest one is skipped with a warning); a path -> that checkpoint (or the newest under
-    it), verified."""
+@dataclasses.dataclass(frozen=True)
+class ResumeChoice:
+    """The checkpoint a run continues from (None: a fresh start) and the newer ones that
+    were passed over as damaged: (path, why) each, newest first."""
+
+    path: Optional[str]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def skipped_lines(self) -> list[str]:
+        """One line per skipped checkpoint, naming it and why, for the console and W&B."""
+        return [f"{os.path.basename(path)} skipped: {why}" for path, why in self.skipped]
+
+
+def choose_resume(resume: str, *, checkpoint_dir: str) -> ResumeChoice:
+    """`resolve_resume`, also saying which newer checkpoints were skipped and why."""
     if resume == "never":
-        return None
+        return ResumeChoice(None)
     if resume != "auto":
-        return find_checkpoint(resume)
+        return ResumeChoice(find_checkpoint(resume))
+    skipped: list[tuple[str, str]] = []
     for _, path in reversed(list_checkpoints(checkpoint_dir)):
         try:
             read_manifest(path)
         except CheckpointError as exc:
             get_logger().warning("skipping checkpoint: %s", exc)
+            skipped.append((path, str(exc)))
             continue
-        return path
-    return None
+        return ResumeChoice(path, tuple(skipped))
+    return ResumeChoice(None, tuple(skipped))
+
+
+def resolve_resume(resume: str, *, checkpoint_dir: str) -> Optional[str]:
+    """The checkpoint a run continues from: `checkpoint.resume` = "never" -> None; "auto" ->
+    the newest complete checkpoint in `checkpoint_dir` (None if there is none; a damaged
+    newest one is skipped: `choose_resume` says which and why); a path -> that checkpoint
+    (or the newest under it), verified."""
+    return choose_resume(resume, checkpoint_dir=checkpoint_dir).path

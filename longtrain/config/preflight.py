@@ -12,6 +12,11 @@ from typing import Any
 from longtrain.parallel.dims import ParallelDims
 
 _MAX_GROUPS_SHOWN = 8
+# `--check` exit codes: 0 valid and fits; EXIT_BAD_INPUT a violated constraint (the code every
+# bad-input error of longtrain-train uses); EXIT_NO_FIT valid, but the memory estimate of the
+# configured policy exceeds the budget
+EXIT_BAD_INPUT = 2
+EXIT_NO_FIT = 3
 
 
 def _layout(cfg: Any) -> list[str]:
@@ -51,7 +56,7 @@ def _attention(cfg: Any) -> list[str]:
     return [f"attention per layer ({len(kinds)} layers): " + "; ".join(runs)]
 
 
-def _memory(cfg: Any) -> list[str]:
+def _memory(cfg: Any) -> tuple[list[str], bool]:
     from longtrain.memory.planner import GIB, Policy, device_budget_bytes, estimates
     from longtrain.parallel.costmodel import cluster_from_config
 
@@ -75,24 +80,90 @@ def _memory(cfg: Any) -> list[str]:
         lines.append("  " + (f"memory=auto would pick {min(fits, key=lambda e: e.cost).policy.name}"
                              if fits else "no memory policy fits: raise parallel.cp or "
                              "parallel.tp, or lower data.micro_batch_size"))
-    return lines
+    return lines, mine.total <= budget
 
 
-def check_report(cfg: Any) -> tuple[str, list[str]]:
-    """(the report, the violated constraints) for a typed RunConfig."""
+# rope.scaling values that read rope.factor
+_FACTOR_SCALINGS = ("linear", "dynamic_ntk", "yarn", "llama3")
+
+
+def _longest_seq_len(cfg: Any) -> int:
+    return max([cfg.data.seq_len, *(s.seq_len for s in cfg.train.schedule)])
+
+
+def _original_length(cfg: Any) -> int:
+    return int(cfg.rope.original_max_position_embeddings or cfg.model.max_position_embeddings)
+
+
+def describe_init_and_rope(cfg: Any) -> str:
+    """One line: where the weights come from and what RoPE does to positions."""
+    from longtrain.checkpoint.source import source_kind
+
+    source = cfg.init_from
+    if not source:
+        init = "init from scratch"
+    else:
+        try:
+            kind = {"native": "native checkpoint", "hf": "Hugging Face"}.get(
+                source_kind(str(source)), source_kind(str(source)))
+        except (OSError, ValueError):
+            kind = "unreadable"
+        init = f"init from {source} ({kind})"
+    rope = cfg.rope
+    longest = _longest_seq_len(cfg)
+    if rope.scaling in _FACTOR_SCALINGS:
+        how = (f"rope {rope.scaling} x{rope.factor:g}, theta {rope.theta:g}, original "
+               f"{_original_length(cfg)} -> {int(_original_length(cfg) * rope.factor)} positions")
+    elif rope.scaling == "none":
+        how = f"rope unscaled, theta {rope.theta:g}"
+    else:
+        how = f"rope {rope.scaling}, theta {rope.theta:g}, original {_original_length(cfg)}"
+    return f"{init}; {how}; training at seq_len up to {longest}"
+
+
+def rope_warnings(cfg: Any) -> list[str]:
+    """Settings that are legal but likely not what the user meant."""
+    rope = cfg.rope
+    out = []
+    longest = _longest_seq_len(cfg)
+    original = _original_length(cfg)
+    if rope.scaling not in _FACTOR_SCALINGS and rope.factor != 1.0:
+        out.append(f"rope.factor={rope.factor:g} is ignored by rope.scaling={rope.scaling} "
+                   f"(it is read by rope.scaling={'|'.join(_FACTOR_SCALINGS)})")
+    if rope.scaling in _FACTOR_SCALINGS and longest > rope.factor * original:
+        out.append(f"data.seq_len={longest} exceeds rope.factor x original length = "
+                   f"{rope.factor:g} x {original} = {int(rope.factor * original)}: positions "
+                   f"beyond it are extrapolated; raise rope.factor to "
+                   f"{-(-longest // original)} or more")
+    elif rope.scaling == "none" and cfg.init_from and longest > original:
+        out.append(f"data.seq_len={longest} exceeds the checkpoint's length {original} with "
+                   f"rope.scaling=none: positions beyond it are extrapolated (choose a "
+                   f"rope.scaling, e.g. rope=yarn rope.factor={-(-longest // original)})")
+    return out
+
+
+def check_report(cfg: Any) -> tuple[str, list[str], bool]:
+    """(the report, the violated constraints, whether the configured memory policy's estimate
+    fits the budget) for a typed RunConfig."""
     from longtrain.config.validate import problems
     from longtrain.model.llama import pattern_problems
 
     found = problems(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
     lines = [f"longtrain-train --check: {cfg.model.name} model, seq_len {cfg.data.seq_len}, "
-             f"micro_batch {cfg.data.micro_batch_size}, batch {cfg.data.batch_size}"]
+             f"micro_batch {cfg.data.micro_batch_size}, batch {cfg.data.batch_size}",
+             describe_init_and_rope(cfg)]
+    from longtrain.checkpoint.source import tokenizer_warnings
+
+    lines += [f"warning: {w}" for w in [*rope_warnings(cfg), *tokenizer_warnings(cfg)]]
     if not dims.problems():
         lines += _layout(cfg)
     if not pattern_problems(cfg.model.layer_pattern) and cfg.model.num_layers >= 1:
         lines += _attention(cfg)
+    fits = True
     if not found:
-        lines += _memory(cfg)
+        memory_lines, fits = _memory(cfg)
+        lines += memory_lines
         from longtrain.parallel.costmodel import report_lines
 
         lines += report_lines(cfg)
@@ -101,4 +172,6 @@ def check_report(cfg: Any) -> tuple[str, list[str]]:
         lines += [f"  - {p}" for p in found]
     else:
         lines.append("constraints: all satisfied")
-    return "\n".join(lines), found
+    if not found and not fits:
+        lines.append(f"memory: the estimate does NOT fit the budget (exit {EXIT_NO_FIT})")
+    return "\n".join(lines), found, fits

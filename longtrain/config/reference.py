@@ -120,8 +120,11 @@ def value_text(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str) and "\n" in value.strip():
+        # a block of text (a help page): its first line stands for it in a table row
+        return f"{value.strip().splitlines()[0]} ... ({len(value.strip().splitlines())} lines)"
     if isinstance(value, str):
-        return value if value else '""'
+        return value.strip("\n") if value else '""'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(value_text(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -358,8 +361,10 @@ def _conf_part(root: str) -> list[str]:
         used = [app for app, choices in defaults.items() if group in choices]
         chosen = {app: choices[group] for app, choices in defaults.items()
                   if choices.get(group) is not None}
-        if group.startswith("hydra/"):
+        if group == "hydra/launcher":
             default = "a Hydra group, acting in multirun mode (`-m`) only"
+        elif group.startswith("hydra/"):
+            default = "a Hydra group, selected by the primary config"
         elif not chosen:
             default = "none selected by default"
         elif len(set(chosen.values())) == 1 and len(chosen) == len(used):

@@ -203,8 +203,10 @@ class DataConfig:
     # a record field naming each document's domain for the upsampling mixture; None: every
     # record file is a domain (plain-text documents: their folder)
     domain_field: Optional[str] = None
-    # "byte", or a Hugging Face tokenizer directory (e.g. the checkpoint's: ${init.from})
-    tokenizer: str = "byte"
+    # auto: init.from's tokenizer when it has one (a Hugging Face directory holding tokenizer
+    # files, or a native checkpoint trained with one), else byte; "byte"; or a Hugging Face
+    # tokenizer directory
+    tokenizer: str = "auto"
     # hf: read the dataset as a stream (sequential; a resume re-reads and skips what was used)
     streaming: bool = False
     # stream shuffle buffer, in documents
@@ -298,6 +300,9 @@ class LauncherConfig:
     gpus_per_worker: int = 0
     # Seconds the driver waits for the worker group before giving up.
     timeout_s: int = 3600
+    # kind=ray: seconds to wait for the head at `address` to answer before failing with a
+    # message naming it (Ray's own retries would otherwise wait minutes)
+    connect_timeout_s: float = 30.0
     # Worker deaths or failed collectives survived: each restart tears the group down and
     # resumes from the newest checkpoint (0: fail at once).
     max_restarts: int = 3
@@ -305,18 +310,26 @@ class LauncherConfig:
 
 @dataclass
 class WandbConfig:
+    """Each field left unset (None) is taken from W&B's environment variable when that is set
+    (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_RUN_GROUP, WANDB_TAGS,
+    WANDB_DIR), else from longtrain's default (mode offline, project longtrain, files under
+    output_dir; longtrain.observability.wandb_run)."""
+
     # online | offline | disabled
-    mode: str = "offline"
-    # W&B project
-    project: str = "longtrain"
-    # team or user; None: the logged-in user's default
+    mode: Optional[str] = None
+    # W&B project; None: $WANDB_PROJECT, else longtrain
+    project: Optional[str] = None
+    # team or user; None: $WANDB_ENTITY, else the logged-in user's default
     entity: Optional[str] = None
-    # display name; None: W&B picks one
+    # display name; None: $WANDB_NAME, else W&B picks one
     name: Optional[str] = None
-    # groups runs in the W&B UI (e.g. the runs of a sweep)
+    # groups runs in the W&B UI (e.g. the runs of a sweep); None: $WANDB_RUN_GROUP
     group: Optional[str] = None
-    # labels to filter runs by, e.g. logging.wandb.tags=[extend,yarn]
-    tags: List[str] = field(default_factory=list)
+    # labels to filter runs by, e.g. logging.wandb.tags=[extend,yarn]; None: $WANDB_TAGS
+    # (comma-separated), else none
+    tags: Optional[List[str]] = None
+    # where the run's files go (W&B writes `<dir>/wandb/`); None: $WANDB_DIR, else output_dir
+    dir: Optional[str] = None
 
 
 @dataclass

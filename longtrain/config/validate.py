@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 
 from longtrain.config.errors import ConfigError
 from longtrain.config.schema import RunConfig
@@ -23,6 +24,8 @@ _CHOICES = {
     "memory.activations": ("none", "int8"),
     "memory.checkpointing": ("none", "selective", "full"),
 }
+# unset: resolved later (W&B's environment, then a default: longtrain.observability.wandb_run)
+_UNSET_OK = {"logging.wandb.mode"}
 
 
 def _get(cfg: RunConfig, dotted: str) -> object:
@@ -185,6 +188,8 @@ def problems(cfg: RunConfig) -> list[str]:
     out += _model_problems(cfg)
     for field, allowed in _CHOICES.items():
         value = _get(cfg, field)
+        if value is None and field in _UNSET_OK:
+            continue
         if value not in allowed:
             out.append(f"{field}={value!r} is not one of {list(allowed)}")
     backend = cfg.attention.backend
@@ -269,6 +274,14 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
                            + "; ".join(diffs))
         except CheckpointError as exc:
             out.append(f"checkpoint.resume: {exc}")
+    if cfg.train.save_hf:
+        from longtrain.checkpoint.export_dir import export_dir_problems
+
+        hf_dir = os.path.join(cfg.output_dir, "hf")
+        # found now rather than when the export runs, after the whole training
+        for found in export_dir_problems(hf_dir, field="<output_dir>/hf"):
+            out.append(f"train.save_hf=true: {found.split('; ')[0]}; move those files, "
+                       f"choose another output_dir, or set train.save_hf=false")
     return out
 
 

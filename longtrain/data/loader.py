@@ -20,7 +20,7 @@ from longtrain.config.schema import DataConfig
 from longtrain.data.prefetch import prefetch
 from longtrain.data.synthetic import (TASKS, packed_task_tokens, task_answer_mask, task_problems,
                                       task_tokens)
-from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
+from longtrain.data.tokenizer import BYTE, load_tokenizer, tokenizer_problems, without_source
 from longtrain.parallel.layout import split_for_cp
 
 IGNORE_INDEX = -100
@@ -230,9 +230,12 @@ def data_state(cfg: DataConfig, *, step: int) -> dict:
     """The data position to store in a checkpoint: resuming at `step` with the same data
     settings yields exactly the sequences an uninterrupted run would have seen."""
     corpus = cfg.packed and os.path.basename(os.path.normpath(cfg.packed))
+    tokenizer = without_source(cfg.tokenizer)
     return {"step": step, "sequences_consumed": step * cfg.batch_size, "seed": cfg.seed,
             "source": cfg.source, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-            "corpus": corpus or (cfg.task if cfg.source == "synthetic" else cfg.name)}
+            "corpus": corpus or (cfg.task if cfg.source == "synthetic" else cfg.name),
+            # not compared on resume; what an export of this checkpoint carries as its tokenizer
+            "tokenizer": tokenizer if tokenizer == BYTE else os.path.abspath(tokenizer)}
 
 
 def check_resume(cfg: DataConfig, state: dict) -> int:

@@ -129,7 +129,7 @@ def as_run_config(cfg: EvalRunConfig, model: ModelConfig, rope: RopeConfig) -> R
                      attention=AttentionConfig() if hf else cfg.attention, parallel=parallel,
                      data=data, launcher=cfg.launcher, logging=cfg.logging,
                      train=TrainConfig(precision=cfg.precision if cfg.precision in PRECISIONS
-                                       else "fp32"),
+                                       else "fp32", save_hf=False),
                      output_dir=cfg.output_dir)
 
 
@@ -178,8 +178,22 @@ def _prepare_perplexity_data(cfg: EvalRunConfig) -> EvalRunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(data, seq_len=cfg.data.seq_len))
 
 
+def _resolve_tokenizer(cfg: EvalRunConfig) -> EvalRunConfig:
+    """`data.tokenizer=auto`: the checkpoint's tokenizer when it has one, else byte."""
+    from longtrain.checkpoint.source import source_problems, source_tokenizer
+    from longtrain.data.tokenizer import AUTO, BYTE
+
+    if cfg.data.tokenizer != AUTO or not cfg.checkpoint \
+            or source_problems(cfg.checkpoint, field="checkpoint"):
+        return cfg
+    spec = source_tokenizer(cfg.checkpoint) or BYTE
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
+
+
 def plan_eval(cfg: EvalRunConfig) -> EvalPlan:
-    """Validate `cfg` (raises ConfigError naming every problem) and prepare its data."""
+    """Validate `cfg` (raises ConfigError naming every problem) and prepare its data;
+    `data.tokenizer=auto` becomes the checkpoint's tokenizer."""
+    cfg = _resolve_tokenizer(cfg)
     found, source = eval_problems(cfg)
     if found:
         raise ConfigError(found)

@@ -268,20 +268,32 @@ def choose(cfg: Any, *, on_gpu: Optional[bool] = None) -> tuple[Any, str]:
     return dataclasses.replace(cfg, memory=memory), "\n".join(lines)
 
 
+def configured_policy(cfg: Any, *, on_gpu: bool) -> Policy:
+    """The policy `memory.*` configures (offload only counts on GPU)."""
+    return Policy(cfg.memory.activations, cfg.memory.checkpointing,
+                  cfg.memory.offload and on_gpu)
+
+
+def estimate_bytes(cfg: Any, *, on_gpu: bool) -> float:
+    """The configured memory policy's estimated peak per device, in bytes (a schedule's
+    largest stage)."""
+    policy = configured_policy(cfg, on_gpu=on_gpu)
+    return next(e for e in estimates(cfg, on_gpu=on_gpu) if e.policy == policy).total
+
+
 def over_budget_warning(cfg: Any, *, on_gpu: Optional[bool] = None) -> Optional[str]:
     """A line saying the configured policy's estimate exceeds the device memory, or None."""
     if on_gpu is None:
         import torch
 
         on_gpu = torch.cuda.is_available()
-    policy = Policy(cfg.memory.activations, cfg.memory.checkpointing,
-                    cfg.memory.offload and on_gpu)
-    mine = next(e for e in estimates(cfg, on_gpu=on_gpu) if e.policy == policy)
+    policy = configured_policy(cfg, on_gpu=on_gpu)
+    mine = estimate_bytes(cfg, on_gpu=on_gpu)
     budget = device_budget_bytes(cfg)
-    if mine.total <= budget:
+    if mine <= budget:
         return None
     fits = [e for e in estimates(cfg, on_gpu=on_gpu) if e.total <= budget]
     hint = (f"memory=auto would pick {min(fits, key=lambda e: e.cost).policy.name}" if fits
             else "no memory policy fits: raise parallel.cp or parallel.tp")
-    return (f"memory estimate {mine.total / GIB:.2f} GiB per device for memory "
+    return (f"memory estimate {mine / GIB:.2f} GiB per device for memory "
             f"{policy.name} exceeds {budget / GIB:.2f} GiB ({hint})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 
 @dataclass
@@ -46,6 +46,7 @@ class RunSummary:
             "loss_last": self.losses[-1] if self.losses else float("nan"),
             "loss_start_mean": self._mean(self.losses[:k]),
             "loss_end_mean": self._mean(self.losses[-k:]),
+            "loss_mean_of": k,
             "tokens_per_s": self._mean(steady),
             "mfu": self._mean(self.mfu[skip:]),
             "comm_exposed_frac": self._mean(self.comm_frac[skip:]),
@@ -62,7 +63,8 @@ def render_summary(result: dict[str, Any], *, extra: Optional[dict[str, str]] = 
         "longtrain run summary",
         f"  steps          {result['steps']}",
         f"  loss           {result['loss_start_mean']:.4f} -> {result['loss_end_mean']:.4f}"
-        f"  (first step {result['loss_first']:.4f}, last step {result['loss_last']:.4f})",
+        f"  (means of the first / last {result.get('loss_mean_of', 1)} logged steps; first "
+        f"step {result['loss_first']:.4f}, last step {result['loss_last']:.4f})",
         f"  tokens/s       {result['tokens_per_s']:,.0f}",
     ]
     if math.isfinite(result.get("mfu", float("nan"))):
@@ -79,16 +81,47 @@ def render_summary(result: dict[str, Any], *, extra: Optional[dict[str, str]] = 
     return "\n".join(lines)
 
 
+def summary_line(result: dict[str, Any]) -> str:
+    """The run in one line (e.g. one per job of a Slurm sweep)."""
+    line = (f"{result['steps']} steps, loss {result['loss_start_mean']:.4f} -> "
+            f"{result['loss_end_mean']:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "
+            f"{result['wall_time_s']:.1f} s")
+    if result.get("stopped_at"):
+        line += f", stopped at step {result['stopped_at']} on a signal"
+    if result.get("output_dir"):
+        line += f" -> {result['output_dir']}"
+    return line
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class Progress:
-    def __init__(self, *, total: int, enabled: bool) -> None:
+    """Console progress on `stream` (stderr): a tqdm bar when it is a terminal; otherwise
+    (a batch job's log, a pipe) one plain line per report, i.e. every `logging.every` steps,
+    instead of the bar's `\r` frames (tqdm's `disable=None` rule). Nothing when disabled."""
+
+    def __init__(self, *, total: int, enabled: bool, stream: Optional[TextIO] = None) -> None:
         self.bar = None
-        if enabled:
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.lines = enabled and not _is_terminal(self.stream)
+        if enabled and not self.lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=0.5)
+                            file=self.stream, mininterval=0.5)
 
     def update(self, metrics: dict[str, Any]) -> None:
+        if self.lines:
+            mfu = f"  mfu {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
+            print(f"train step {int(metrics['step'])}/{self.total}  loss {metrics['loss']:.4f}  "
+                  f"tokens/s {metrics['tokens_per_s']:,.0f}{mfu}", file=self.stream, flush=True)
+            return
         if self.bar is None:
             return
         postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{metrics['tokens_per_s']:,.0f}"}

@@ -1,5 +1,5 @@
 """Per-process resource readings for the step metrics: peak memory (the CUDA allocator's, or
-the kernel's peak RSS on CPU) and a measured GEMM peak for MFU.
+the kernel's peak RSS on CPU), the device's capacity, and a measured GEMM peak for MFU.
 
 Peak RSS on Linux: writing "5" to /proc/self/clear_refs sets VmHWM (the high-water mark of
 the resident set) back to the current RSS, so a per-step peak is VmHWM read at the end of the
@@ -9,6 +9,7 @@ process started.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import time
@@ -57,6 +58,14 @@ class PeakMemory:
             except (OSError, AttributeError):
                 self._proc = False
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def device_capacity_bytes(device: torch.device) -> float:
+    """The memory the peak is measured against: the CUDA device's total memory, or this host's
+    physical RAM on CPU (shared by the ranks on the host)."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def measure_gemm_tflops(device: torch.device, dtype: torch.dtype, *, seconds: float = 0.3

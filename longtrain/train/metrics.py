@@ -1,10 +1,17 @@
-"""The per-step metrics that need every rank: MFU, peak memory over ranks, exposed
-communication time by group.
+"""The per-step metrics that need every rank: MFU, peak memory over ranks beside what it is
+measured against, exposed communication time by group, compute time over ranks.
 
 Each rank times its own blocking in communication (`longtrain.parallel.commtime`) and reads
 its own peak memory (`longtrain.observability.resources`); after the step one all-gather of a
-few numbers per rank gives every rank the min / max / mean of the peaks and the max of the
-communication times (the slowest rank sets the pace). The all-gather itself is not timed.
+few numbers per rank gives every rank the min / max / mean of the peaks, the max of the
+communication times (the slowest rank sets the pace) and the min / max of the compute time
+(the step's time less this rank's blocked communication) with the rank that took longest:
+a rank whose compute stands out is a load imbalance (e.g. an uneven CP split). The
+all-gather itself is not timed.
+
+Beside the peaks, every step carries the device's capacity (`mem_capacity_gib`), the
+planner's estimate for the configured memory policy (`mem_estimate_gib`,
+`longtrain.memory.planner`) and `memory.budget_gib` when set (`mem_budget_gib`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from longtrain.observability.flops import step_flops
-from longtrain.observability.resources import PeakMemory, measure_gemm_tflops
+from longtrain.observability.resources import (PeakMemory, device_capacity_bytes,
+                                               measure_gemm_tflops)
 from longtrain.parallel.commtime import CommTimer
 
 GROUPS = ("tp", "cp", "dp", "other")
@@ -30,6 +38,14 @@ class StepMetrics:
         self.memory = PeakMemory(runtime.device)
         # this device's peak, TFLOP/s
         self.peak_tflops = cfg.logging.peak_tflops or measure_gemm_tflops(runtime.device, dtype)
+        from longtrain.memory.planner import estimate_bytes
+
+        # what the measured peak is read against: constant for the run
+        self.memory_refs = {"mem_capacity_gib": device_capacity_bytes(runtime.device) / _GIB,
+                            "mem_estimate_gib": estimate_bytes(
+                                cfg, on_gpu=runtime.device.type == "cuda") / _GIB}
+        if cfg.memory.budget_gib is not None:
+            self.memory_refs["mem_budget_gib"] = float(cfg.memory.budget_gib)
         self.set_runtime(runtime)
         self._flops: dict[tuple[int, int], float] = {}
 
@@ -61,8 +77,10 @@ class StepMetrics:
     def finish_step(self, cfg: Any, metrics: dict[str, Any]) -> None:
         """Add the cross-rank metrics to `metrics` (every rank gets the same values)."""
         comm = self.timer.take()
+        dt = metrics["step_time_s"]
         mine = [self.memory.read() / _GIB, sum(comm.values()),
-                *(comm.get(g, 0.0) for g in GROUPS), self.peak_tflops]
+                *(comm.get(g, 0.0) for g in GROUPS), max(dt - sum(comm.values()), 0.0),
+                self.peak_tflops]
         stats = torch.tensor(mine, dtype=torch.float64)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
@@ -79,11 +97,15 @@ class StepMetrics:
         metrics["mem_peak_gib_min"] = float(mem.min())
         metrics["mem_peak_gib_max"] = float(mem.max())
         metrics["mem_peak_gib_mean"] = float(mem.mean())
-        dt = metrics["step_time_s"]
+        metrics.update(self.memory_refs)
         metrics["comm_exposed_s"] = float(total.max())
         metrics["comm_exposed_frac"] = float(total.max()) / dt if dt > 0 else 0.0
         for i, g in enumerate(GROUPS):
             metrics[f"comm_{g}_s"] = float(all_ranks[:, 2 + i].max())
+        compute = all_ranks[:, 2 + len(GROUPS)]
+        metrics["compute_s_min"] = float(compute.min())
+        metrics["compute_s_max"] = float(compute.max())
+        metrics["compute_slowest_rank"] = int(compute.argmax())
         flops = self.flops(cfg)
         metrics["tflops"] = flops / dt / world / 1e12 if dt > 0 else 0.0
         metrics["mfu"] = flops / dt / 1e12 / float(all_ranks[:, -1].sum()) if dt > 0 else 0.0
