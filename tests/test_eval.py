@@ -264,8 +264,8 @@ def test_beyond_the_trained_length_is_a_warning(hf_dir, tmp_path):
     assert any("[512]" in w and "max_position_embeddings=256" in w for w in plan.warnings)
 
 
-def _cli(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def _cli(*args: str, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     script = os.path.join(os.path.dirname(sys.executable), "longtrain-eval")
     return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
@@ -287,9 +287,15 @@ def test_cli_through_ray_with_context_parallelism(hf_dir, hf_run, tmp_path):
                f"eval.depths=[{','.join(map(str, DEPTHS))}]", f"eval.samples={SAMPLES}",
                f"eval.perplexity_lengths=[{','.join(map(str, PPL_LENGTHS))}]",
                "eval.perplexity_samples=2", "parallel.world_size=2", "parallel.cp=2",
-               "attention=ring", f"output_dir={out}", timeout=600)
+               "attention=ring", f"output_dir={out}", f"hydra.run.dir={tmp_path}/hydra",
+               timeout=600, env={"MPLCONFIGDIR": str(tmp_path / "mpl")})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "passkey accuracy" in res.stdout and "perplexity" in res.stdout
+    # a fresh matplotlib cache (as on a new machine) builds its font cache without an INFO
+    # line on the console, and Hydra writes no empty job log
+    console = res.stdout + res.stderr
+    assert "fontManager" not in console and "font cache" not in console, console
+    assert not (tmp_path / "hydra" / "evaluate.log").exists()
     saved = json.loads((out / "eval.json").read_text())
     assert saved["layout"] == {"world_size": 2, "tp": 1, "cp": 2, "dp": 1, "attention": "ring"}
     assert len(saved["accuracy"]) == len(LENGTHS)

@@ -8,6 +8,7 @@ per-length values are the lengths as strings.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -86,6 +87,8 @@ def write_json(summary: dict[str, Any], path: str) -> None:
 def plot_heatmap(summary: dict[str, Any], path: str) -> None:
     """Accuracy per cell: context length on x, depth on y (0 = start of the context at the
     top), each cell annotated."""
+    # a new machine builds matplotlib's font cache on first use and says so: not news to a user
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
