@@ -110,7 +110,7 @@ def test_hugging_face_tokenizer_directory(tmp_path, hf_tokenizer):
     bad = files_config(path, tmp_path / "cache", tokenizer=str(tmp_path / "empty"))
     assert any("cannot load a Hugging Face tokenizer" in p for p in problems(bad))
     bad.data.tokenizer = str(tmp_path / "nope")
-    assert any("neither 'byte' nor a directory" in p for p in problems(bad))
+    assert any("neither 'auto', 'byte' nor a directory" in p for p in problems(bad))
 
 
 def test_tokenized_and_packed_corpora_are_cached(tmp_path):

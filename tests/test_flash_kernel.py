@@ -225,6 +225,32 @@ def test_bad_arguments_name_the_values() -> None:
         flash_block_forward(k, k, k, scale=1.0, q_doc=torch.zeros(1, 8, dtype=torch.int32))
 
 
+def test_the_kernels_setting_picks_the_block_implementation() -> None:
+    """`train.kernels` reaches the ring's blocks: "triton" runs the kernel (here under the
+    interpreter), "torch" the PyTorch path, "auto" the kernel only on CUDA; both agree."""
+    from longtrain.attention.blocks import block_backward, block_forward
+    from longtrain_kernels import resolve_kernels
+
+    gen = torch.Generator().manual_seed(5)
+    # [B, H, T, D], the blocks' layout
+    q, k, v, dout = (_rand((1, 2, 24, D), dtype=torch.float32, gen=gen) for _ in range(4))
+    assert resolve_kernels("auto", q) == ("triton" if q.is_cuda else "torch")
+    assert resolve_kernels("torch", q) == "torch"
+    assert resolve_kernels("triton", q) == "triton"
+    with pytest.raises(ValueError, match="backend='cuda' must be one of"):
+        resolve_kernels("cuda", q)
+    got = {}
+    for kernels in ("triton", "torch"):
+        out, lse = block_forward(q, k, v, scale=SCALE, causal=True, kernels=kernels)
+        grads = block_backward(dout, q, k, v, out, lse, scale=SCALE, causal=True,
+                               kernels=kernels)
+        got[kernels] = (out, lse, *grads)
+    errors = {f"{name} triton vs torch": rel_err(a, b)
+              for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *got.values())}
+    bad, err = worst(errors)
+    assert err <= FP32_RTOL, f"{bad} rel err {err:.2e} (all: {errors})"
+
+
 def test_package_imports_without_triton() -> None:
     assert_runs_without_triton(
         "import longtrain_kernels.flash_attn as f; assert not f.available(); print('ok')")

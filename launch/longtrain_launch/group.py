@@ -145,14 +145,13 @@ class RankActor:
         ends with `longtrain.parallel.runtime.shutdown_parallel()`."""
         import torch
 
-        from longtrain.attention.ulysses import hierarchical_cp_sizes
+        from longtrain.attention.plan import cp_group_sizes
         from longtrain.parallel.dims import ParallelDims
         from longtrain.parallel.runtime import init_parallel
 
         cfg = self.cfg
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
-        cp_sizes = hierarchical_cp_sizes(cfg.attention.backend, cfg.attention.ulysses_degree,
-                                         cfg.parallel.cp)
+        cp_sizes = cp_group_sizes(cfg.attention, cfg.parallel.cp)
         return init_parallel(ParallelDims.from_config(cfg.parallel), rank=self.rank,
                              init_method=init_method, backend=cfg.parallel.backend,
                              timeout_s=cfg.parallel.timeout_s, cp_sizes=cp_sizes)

@@ -39,7 +39,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from longtrain.config.schema import LauncherConfig, RunConfig
 
@@ -94,25 +94,28 @@ class Allocation:
     restart: int
 
     @classmethod
-    def detect(cls) -> Optional["Allocation"]:
-        """The allocation when this process is a task of a submitit Slurm job, else None."""
-        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+    def detect(cls, environ: Mapping[str, str] = os.environ) -> Optional["Allocation"]:
+        """The allocation when this process is a task of a submitit Slurm job, else None.
+
+        `environ`: the process environment, read by the entry point (submitit's and Slurm's
+        variables: SUBMITIT_EXECUTOR, SLURM_CPUS_PER_TASK, ...)."""
+        if environ.get("SUBMITIT_EXECUTOR") != "slurm":
             return None
         import submitit
 
         env = submitit.JobEnvironment()
         tasks_on_node = max(1, env.num_tasks // max(1, env.num_nodes))
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        cpus = environ.get("SLURM_CPUS_PER_TASK")
         cpus_per_task = int(cpus) if cpus else \
-            max(1, int(os.environ.get("SLURM_CPUS_ON_NODE", "1")) // tasks_on_node)
-        gpus_on_node = _count_gpus(os.environ.get("SLURM_GPUS_ON_NODE", ""))
+            max(1, int(environ.get("SLURM_CPUS_ON_NODE", "1")) // tasks_on_node)
+        gpus_on_node = _count_gpus(environ.get("SLURM_GPUS_ON_NODE", ""))
         problem = one_task_per_gpu_node(tasks_on_node, gpus_on_node)
         if problem:
             raise ValueError(problem)
         return cls(job_id=str(env.job_id), rank=env.global_rank, num_tasks=env.num_tasks,
                    num_nodes=env.num_nodes, cpus_per_task=cpus_per_task,
                    gpus_per_task=gpus_on_node, folder=str(env.paths.folder),
-                   restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+                   restart=int(environ.get("SLURM_RESTART_COUNT", "0") or 0))
 
 
 def one_task_per_gpu_node(tasks_per_node: int, gpus_per_node: int) -> Optional[str]:

@@ -53,6 +53,17 @@ def prepare(dcfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
 def _app(dcfg: DictConfig) -> dict[str, Any]:
+    """The task of `longtrain-train`: train (here, or as a task of a Slurm job)."""
+    return _run_task(dcfg, check_only=False)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="config")
+def _app_check(dcfg: DictConfig) -> dict[str, Any]:
+    """The task of `longtrain-train --check`: report, start nothing."""
+    return _run_task(dcfg, check_only=True)
+
+
+def _run_task(dcfg: DictConfig, *, check_only: bool) -> dict[str, Any]:
     _RUN.started()
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -66,9 +77,10 @@ def _app(dcfg: DictConfig) -> dict[str, Any]:
         print("longtrain-train: hydra/launcher=slurm submits in multirun mode only: add -m",
               file=sys.stderr)
         sys.exit(2)
-    if _CHECK_ONLY:
+    if check_only:
         return _check(dcfg)
-    allocation = Allocation.detect()
+    # the task owns the process: the one place it reads submitit's and Slurm's environment
+    allocation = Allocation.detect(os.environ)
     if allocation is None:
         return _train(dcfg)
     # a task of a job submitted by hydra/launcher=slurm: rank 0 drives, the others host Ray
@@ -192,10 +204,6 @@ def _check(dcfg: DictConfig) -> dict[str, Any]:
     return {"checked": True}
 
 
-# set by main() when `--check` is on the command line (Hydra owns the other arguments)
-_CHECK_ONLY = False
-
-
 def _check_here(args: list[str]) -> list[str]:
     """--check never submits. With `-m hydra/launcher=slurm`, the launcher checks every job
     of the sweep, its `hydra.launcher.*` resources included, and runs each job's report here
@@ -217,7 +225,6 @@ def _check_here(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    global _CHECK_ONLY
     if "--version" in sys.argv[1:]:
         print(version_line("longtrain-train"))
         return
@@ -228,12 +235,11 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     if "--check" in sys.argv[1:]:
         sys.argv.remove("--check")
-        _CHECK_ONLY = True
         sys.argv[1:] = _check_here(sys.argv[1:])
         with nothing_written(sys.argv[1:]) as args:
             sys.argv[1:] = args
             _prepare_launchers()
-            _RUN(_app)
+            _RUN(_app_check)
         return
     _prepare_launchers()
     _RUN(_app)

@@ -11,6 +11,7 @@ gradient of the whole attention.
 
 On CPU the blocks run on ATen's fused flash kernel for CPU (which accepts GQA and an additive
 mask); on CUDA on our Triton kernel when available, else on the plain PyTorch reference.
+`kernels` (auto | triton | torch, the `train.kernels` setting) can force either.
 """
 
 from __future__ import annotations
@@ -37,23 +38,21 @@ def _doc_mask(q_doc_bt: torch.Tensor, k_doc_bt: torch.Tensor, *, causal: bool,
     return mask[:, None], allowed.any(dim=-1)
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    if q.device.type != "cuda":
-        return False
-    from longtrain_kernels.flash_attn import available
+def _use_triton(q: torch.Tensor, kernels: str) -> bool:
+    from longtrain_kernels import resolve_kernels
 
-    return available()
+    return resolve_kernels(kernels, q) == "triton"
 
 
 def block_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,
                   scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor] = None,
-                  k_doc_bt: Optional[torch.Tensor] = None
+                  k_doc_bt: Optional[torch.Tensor] = None, kernels: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Tq, D] input dtype, lse [B, Hq, Tq] float32) of one block.
 
     `causal` masks key j > query i within the block (square blocks on the diagonal only).
     """
-    if _use_triton(q_bhtd):
+    if _use_triton(q_bhtd, kernels):
         from longtrain_kernels.flash_attn import flash_block_forward
 
         out_bthd, lse = flash_block_forward(
@@ -78,10 +77,10 @@ def block_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tens
 def block_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
                    v_bhtd: torch.Tensor, out_bhtd: torch.Tensor, lse_bht: torch.Tensor, *,
                    scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor] = None,
-                   k_doc_bt: Optional[torch.Tensor] = None
+                   k_doc_bt: Optional[torch.Tensor] = None, kernels: str = "auto"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block given the merged out and lse of the query rows."""
-    if _use_triton(q_bhtd):
+    if _use_triton(q_bhtd, kernels):
         from longtrain_kernels.flash_attn import flash_block_backward
 
         t = lambda x: x.transpose(1, 2)  # noqa: E731

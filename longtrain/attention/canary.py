@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.base import AttentionContext, AttentionMeta
+from longtrain.attention.types import AttentionContext, AttentionMeta
 from longtrain.attention.dense import dense_attention
 from longtrain.parallel.layout import unsplit_from_cp
 

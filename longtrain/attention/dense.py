@@ -6,10 +6,14 @@ context-parallel backend is tested against.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 
-from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
+from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
+from longtrain.observability.flops import layer_attention_forward
+from longtrain.parallel.collective_cost import AttentionShape, Link
 
 
 def document_causal_mask(doc_ids_bt: torch.Tensor, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -23,10 +27,9 @@ def document_causal_mask(doc_ids_bt: torch.Tensor, *, causal: bool, dtype: torch
     return mask[:, None]
 
 
-@register_attention("dense", supports_cp=False)
 def dense_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
                     meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
-    """Softmax attention with GQA, causal and document masks. Shapes as in attention.base."""
+    """Softmax attention with GQA, causal and document masks. Shapes as in attention.types."""
     if ctx.cp_size != 1:
         raise ValueError(f"attention.backend='dense' cannot run with parallel.cp={ctx.cp_size}")
     q_bhtd, k_bhtd, v_bhtd = (x.transpose(1, 2) for x in (q_bthd, k_bthd, v_bthd))
@@ -39,3 +42,18 @@ def dense_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Te
         out_bhtd = F.scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, is_causal=meta.causal,
                                                   scale=meta.softmax_scale, enable_gqa=gqa)
     return out_bhtd.transpose(1, 2)
+
+
+def softmax_forward_flops(*, t: int, heads: int, head_dim: int, attention: Any) -> float:
+    """Causal softmax attention: what every exact softmax backend computes."""
+    return layer_attention_forward("softmax", t=t, heads=heads, head_dim=head_dim)
+
+
+def no_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float, attention: Any
+            ) -> tuple[float, Optional[Any]]:
+    return 0.0, None
+
+
+SPEC = BackendSpec(name="dense", kind="softmax", shards_sequence=False,
+                   build=lambda attention, model: dense_attention,
+                   forward_flops=softmax_forward_flops, comm=no_comm)

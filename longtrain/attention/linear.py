@@ -29,14 +29,15 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
-from longtrain.parallel.layout import zigzag_chunk_ids
+from longtrain.attention.allgather import all_gather_chunks, local_chunk_ids, order_gathered
+from longtrain.attention.pattern import layer_kinds, pattern_problems
+from longtrain.attention.types import (AttentionContext, AttentionMeta, BackendSpec,
+                                       LinearAttentionFn)
+from longtrain.observability.flops import layer_attention_forward
+from longtrain.parallel.collective_cost import AttentionShape, Link, all_gather, p2p
 
-LINEAR_BACKENDS = ("lasp1", "lasp2")
 DECAYS = ("slopes", "none")
 
-LinearAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              AttentionMeta, AttentionContext], torch.Tensor]
 
 
 def head_log_decay(num_heads: int, kind: str) -> torch.Tensor:
@@ -51,17 +52,13 @@ def head_log_decay(num_heads: int, kind: str) -> torch.Tensor:
 
 
 def _lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
-               doc_bt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               doc_bt: Optional[torch.Tensor], kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
     from longtrain_kernels.lightning_attn import lightning_attention
 
-    return lightning_attention(q, k, v, log_decay, doc_bt)
+    return lightning_attention(q, k, v, log_decay, doc_bt, backend=kernels)
 
 
 # --------------------------------------------------------------------------- chunk bookkeeping
-
-def _chunk_ids(ctx: AttentionContext) -> list[int]:
-    return [0] if ctx.cp_size == 1 else list(zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank))
-
 
 def _split(x: torch.Tensor, ctx: AttentionContext) -> list[torch.Tensor]:
     return [x] if ctx.cp_size == 1 else list(x.chunk(2, dim=1))
@@ -69,26 +66,6 @@ def _split(x: torch.Tensor, ctx: AttentionContext) -> list[torch.Tensor]:
 
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _order_gathered(parts: list[torch.Tensor], cp: int) -> torch.Tensor:
-    """Per-rank [2, ...] tensors (each rank's two zigzag chunks) -> [2cp, ...] in chunk order."""
-    out: list[Optional[torch.Tensor]] = [None] * (2 * cp)
-    for r, part in enumerate(parts):
-        first, second = zigzag_chunk_ids(cp, r)
-        out[first], out[second] = part[0], part[1]
-    return torch.stack(out)  # type: ignore[arg-type]
-
-
-def _all_gather_chunks(x_local: torch.Tensor, ctx: AttentionContext, *, what: str
-                       ) -> torch.Tensor:
-    """[2, ...] (this rank's chunks) -> [2cp, ...] in chunk order, over the CP group."""
-    from longtrain.parallel.watch import collective
-
-    parts = [torch.empty_like(x_local) for _ in range(ctx.cp_size)]
-    with collective(what, group="context-parallel"):
-        dist.all_gather(parts, x_local.contiguous(), group=ctx.cp_group)
-    return _order_gathered(parts, ctx.cp_size)
 
 
 class _PendingGather:
@@ -114,7 +91,7 @@ class _PendingGather:
                 work.wait()
         per_rank = [torch.cat([chunk[r] for chunk in self.parts])
                     for r in range(self.ctx.cp_size)]
-        return _order_gathered(per_rank, self.ctx.cp_size)
+        return order_gathered(per_rank, self.ctx.cp_size)
 
 
 def _doc_summary(doc_bt: Optional[torch.Tensor], ctx: AttentionContext, n: int, b: int,
@@ -127,7 +104,7 @@ def _doc_summary(doc_bt: Optional[torch.Tensor], ctx: AttentionContext, n: int, 
         entry[0] = -1
         return carry, entry
     local = torch.stack([torch.stack([c[:, 0], c[:, -1]]) for c in _split(doc_bt, ctx)])
-    ends = local if ctx.cp_size == 1 else _all_gather_chunks(local, ctx,
+    ends = local if ctx.cp_size == 1 else all_gather_chunks(local, ctx,
                                                              what="LASP document-bounds all-gather")
     first, last = ends[:, 0], ends[:, 1]
     entry = torch.full_like(last, -1)
@@ -180,7 +157,7 @@ class _Lasp2States(torch.autograd.Function):
     @staticmethod
     def backward(fctx: Any, ds_local: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         carry, decay_l = fctx.saved_tensors
-        ds_all = _all_gather_chunks(ds_local, fctx.attn_ctx, what="LASP-2 dS all-gather")
+        ds_all = all_gather_chunks(ds_local, fctx.attn_ctx, what="LASP-2 dS all-gather")
         return _reverse_scan(ds_all, carry, decay_l)[fctx.ids], None, None, None, None, None
 
 
@@ -272,8 +249,8 @@ def _lasp(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           log_decay: torch.Tensor, meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
     doc = meta.doc_ids_bt
     if ctx.cp_size == 1:
-        return _lightning(q, k, v, log_decay, doc)[0]
-    ids = _chunk_ids(ctx)
+        return _lightning(q, k, v, log_decay, doc, ctx.kernels)[0]
+    ids = local_chunk_ids(ctx)
     carry, entry = _doc_summary(doc, ctx, 2 * ctx.cp_size, q.shape[0], q.device)
     qs, ks, vs = _split(q, ctx), _split(k, ctx), _split(v, ctx)
     docs = _split(doc, ctx) if doc is not None else [None, None]
@@ -282,7 +259,7 @@ def _lasp(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pending = _PendingGather(ctx) if method == "lasp2" else None
     intra, states = [], []
     for qc, kc, vc, dc in zip(qs, ks, vs, docs):
-        o, m = _lightning(qc, kc, vc, log_decay, dc)
+        o, m = _lightning(qc, kc, vc, log_decay, dc, ctx.kernels)
         intra.append(o)
         states.append(m.to(dt))
         if pending is not None:
@@ -321,72 +298,57 @@ def linear_attention(name: str) -> LinearAttentionFn:
     return _LINEAR[name]
 
 
-# --------------------------------------------------------------------------- LASP-2H
+# --------------------------------------------------------------------------- the specs
 
-def _chunk_major(x_b2l: torch.Tensor) -> torch.Tensor:
-    """[B, 2L, ...] -> [2, B, L, ...] (this rank's two zigzag chunks first)."""
-    b, t = x_b2l.shape[:2]
-    return x_b2l.reshape(b, 2, t // 2, *x_b2l.shape[2:]).transpose(0, 1)
+def linear_forward_flops(*, t: int, heads: int, head_dim: int, attention: Any) -> float:
+    return layer_attention_forward("linear", t=t, heads=heads, head_dim=head_dim)
 
 
-def _sequence_major(x_nbl: torch.Tensor) -> torch.Tensor:
-    """[n, B, L, ...] (chunks in order) -> [B, n * L, ...]."""
-    n, b, length = x_nbl.shape[:3]
-    return x_nbl.transpose(0, 1).reshape(b, n * length, *x_nbl.shape[3:])
+def _state_bytes(s: AttentionShape) -> float:
+    return s.batch * s.q_heads * s.head_dim * s.head_dim * 4
 
 
-def gather_sequence(x_local: torch.Tensor, ctx: AttentionContext, *, what: str) -> torch.Tensor:
-    """This rank's zigzag shard [B, 2L, ...] -> the whole sequence [B, 2cp * L, ...] in order
-    (no gradient)."""
-    return _sequence_major(_all_gather_chunks(_chunk_major(x_local), ctx, what=what))
+def lasp1_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float = 0.0,
+               attention: Any = None) -> tuple[float, None]:
+    """2 (c-1) chained hops of a chunk state forward, the same backward."""
+    if c <= 1:
+        return 0.0, None
+    return 4 * (c - 1) * p2p(_state_bytes(s), link), None
 
 
-class _GatherSequence(torch.autograd.Function):
-    """`gather_sequence` with its adjoint: every rank's gradient of the whole sequence summed
-    over the CP group, this rank's chunks kept (an all-reduce: gloo has no reduce-scatter)."""
-
-    @staticmethod
-    def forward(fctx: Any, x_local: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        fctx.attn_ctx = ctx
-        return gather_sequence(x_local, ctx, what="LASP-2H K/V all-gather")
-
-    @staticmethod
-    def backward(fctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
-        from longtrain.parallel.watch import collective
-
-        ctx = fctx.attn_ctx
-        grad = grad.contiguous()
-        with collective("LASP-2H dK/dV all-reduce", group="context-parallel"):
-            dist.all_reduce(grad, group=ctx.cp_group)
-        chunks = grad.chunk(2 * ctx.cp_size, dim=1)
-        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
-        return torch.cat([chunks[first], chunks[second]], dim=1), None
+def lasp2_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float = 0.0,
+               attention: Any = None) -> tuple[float, None]:
+    """The 2 zigzag chunks' states all-gathered, forward and backward."""
+    if c <= 1:
+        return 0.0, None
+    return 2 * all_gather(2 * _state_bytes(s), c, link), None
 
 
-@register_attention("allgather", supports_cp=True)
-def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-                        ctx: AttentionContext) -> torch.Tensor:
-    """Softmax attention of this rank's queries against the whole sequence's K/V, all-gathered
-    over the CP group (LASP-2H's softmax layers). Shapes as in attention.base."""
-    import torch.nn.functional as F
+SOFTMAX_FOR_LINEAR = ("allgather", "ring", "dense")
 
-    from longtrain.attention.dense import dense_attention
 
-    if ctx.cp_size == 1:
-        return dense_attention(q, k, v, meta, ctx)
-    k_all, v_all = _GatherSequence.apply(k, ctx), _GatherSequence.apply(v, ctx)
-    length = q.shape[1] // 2
-    q_index = torch.cat([torch.arange(c * length, (c + 1) * length, device=q.device)
-                         for c in _chunk_ids(ctx)])
-    allowed = torch.arange(k_all.shape[1], device=q.device)[None, :] <= q_index[:, None]
-    allowed = allowed[None].expand(q.shape[0], -1, -1)
-    if meta.doc_ids_bt is not None:
-        doc_all = gather_sequence(meta.doc_ids_bt, ctx, what="LASP-2H document-id all-gather")
-        allowed = allowed & (meta.doc_ids_bt[:, :, None] == doc_all[:, None, :])
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-    mask.masked_fill_(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2),
-                                         v_all.transpose(1, 2), attn_mask=mask[:, None],
-                                         scale=meta.softmax_scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
+def softmax_layer_problems(cfg: Any) -> list[str]:
+    """attention=lasp1|lasp2: the backend `attention.softmax` names for a hybrid's softmax
+    layers."""
+    m, a = cfg.model, cfg.attention
+    if pattern_problems(m.layer_pattern) or "softmax" not in layer_kinds(m, linear_default=True):
+        return []
+    if a.softmax not in SOFTMAX_FOR_LINEAR:
+        return [f"attention.softmax={a.softmax!r} (the softmax layers of "
+                f"model.layer_pattern={m.layer_pattern!r}) is not one of "
+                f"{list(SOFTMAX_FOR_LINEAR)}"]
+    if a.softmax == "dense" and cfg.parallel.cp > 1:
+        return [f"attention.softmax='dense' cannot run with parallel.cp={cfg.parallel.cp}; "
+                f"use allgather (LASP-2H) or ring"]
+    return []
+
+
+LASP1 = BackendSpec(name="lasp1", kind="linear", shards_sequence=True,
+                    build=lambda attention, model: lasp1_attention,
+                    forward_flops=linear_forward_flops, comm=lasp1_comm,
+                    problems=softmax_layer_problems)
+LASP2 = BackendSpec(name="lasp2", kind="linear", shards_sequence=True,
+                    build=lambda attention, model: lasp2_attention,
+                    forward_flops=linear_forward_flops, comm=lasp2_comm,
+                    problems=softmax_layer_problems)
+

@@ -25,12 +25,14 @@ its output and gradients become the accumulators, and later blocks merge into th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
+from longtrain.attention.dense import softmax_forward_flops
+from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
+from longtrain.parallel.collective_cost import AttentionShape, Link, RingDetail, ring_exposed
 from longtrain.attention.blocks import (acc_dtype, any_allowed, block_backward, block_forward,
                                        merge_block_)
 
@@ -106,7 +108,7 @@ def _receive(comm: RingComm, incoming: list[torch.Tensor]
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, scale: float,
-                 causal: bool, doc_bt: Optional[torch.Tensor]
+                 causal: bool, doc_bt: Optional[torch.Tensor], kernels: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, T, D], lse [B, Hq, T]) in the accumulation dtype, on `[B, H, T, D]` inputs."""
     comm = RingComm(group)
@@ -123,7 +125,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, sc
         if any_allowed(q_doc, k_doc):
             o_blk, lse_blk = block_forward(q[:, :, rows], k_cur[:, :, cols], v_cur[:, :, cols],
                                            scale=scale, causal=blk_causal, q_doc_bt=q_doc,
-                                           k_doc_bt=k_doc)
+                                           k_doc_bt=k_doc, kernels=kernels)
             if out is None and rows == slice(0, q.shape[2]):
                 out, lse = o_blk.to(acc), lse_blk
             else:
@@ -157,7 +159,7 @@ def _accumulate(acc: Optional[torch.Tensor], idx: slice, blk: torch.Tensor, like
 
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, *, group, scale: float, causal: bool,
-                  doc_bt: Optional[torch.Tensor]
+                  doc_bt: Optional[torch.Tensor], kernels: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in `[B, H, T, D]`, accumulation dtype, for this rank's q and own k/v."""
     kv_comm, dkv_comm = RingComm(group), RingComm(group)
@@ -188,7 +190,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         if any_allowed(q_doc, k_doc):
             blk = block_backward(dout[:, :, rows], q[:, :, rows], k_cur[:, :, cols],
                                  v_cur[:, :, cols], out[:, :, rows], lse[:, :, rows], scale=scale,
-                                 causal=blk_causal, q_doc_bt=q_doc, k_doc_bt=k_doc)
+                                 causal=blk_causal, q_doc_bt=q_doc, k_doc_bt=k_doc,
+                                 kernels=kernels)
         if blk is not None:
             dq = _accumulate(dq, rows, blk[0], q, acc)
             dk_acc = _accumulate(dk_acc, cols, blk[1], k_cur, acc)
@@ -214,42 +217,65 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal):
+    def forward(ctx, q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal, kernels):
         # [B, H, T, D] views of the [B, T, H, D] inputs: no copy (see the module docstring)
         q, k, v = (_bhtd(x) for x in (q_bthd, k_bthd, v_bthd))
         out_acc, lse = ring_forward(q, k, v, group=group, scale=scale, causal=causal,
-                                    doc_bt=doc_bt)
+                                    doc_bt=doc_bt, kernels=kernels)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, doc_bt)
-        ctx.group, ctx.scale, ctx.causal = group, scale, causal
+        ctx.group, ctx.scale, ctx.causal, ctx.kernels = group, scale, causal, kernels
         return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout_bthd):
         q, k, v, out, lse, doc_bt = ctx.saved_tensors
         dq, dk, dv = ring_backward(_bhtd(dout_bthd), q, k, v, out, lse, group=ctx.group,
-                                   scale=ctx.scale, causal=ctx.causal, doc_bt=doc_bt)
+                                   scale=ctx.scale, causal=ctx.causal, doc_bt=doc_bt,
+                                   kernels=ctx.kernels)
         cast = lambda g, like: g.to(like.dtype).transpose(1, 2)  # noqa: E731
-        return cast(dq, q), cast(dk, k), cast(dv, v), None, None, None, None
+        return cast(dq, q), cast(dk, k), cast(dv, v), None, None, None, None, None
 
 
 def ring_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor, *,
                       group, causal: bool = True, scale: Optional[float] = None,
-                      doc_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      doc_bt: Optional[torch.Tensor] = None,
+                      kernels: str = "auto") -> torch.Tensor:
     """Ring attention on this rank's zigzag shard.
 
     q [B, T, Hq, D], k/v [B, T, Hkv, D] (GQA: K/V travel with Hkv heads), doc_bt [B, T] int64
     document ids of the local tokens (None: one document). Returns [B, T, Hq, D] in q's dtype.
     """
     scale = q_bthd.shape[-1] ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal)
+    return _RingAttention.apply(q_bthd, k_bthd, v_bthd, doc_bt, group, scale, causal, kernels)
 
 
-@register_attention("ring", supports_cp=True)
 def ring_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
                    meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
-    """`attention=ring`: the attention backend interface (shapes as in attention.base)."""
+    """`attention=ring`: the attention backend interface (shapes as in attention.types)."""
     if ctx.layout != "zigzag":
         raise ValueError(f"ring attention needs the zigzag layout, got {ctx.layout!r}")
     return ring_attention_fn(q_bthd, k_bthd, v_bthd, group=ctx.cp_group, causal=meta.causal,
-                             scale=meta.softmax_scale, doc_bt=meta.doc_ids_bt)
+                             scale=meta.softmax_scale, doc_bt=meta.doc_ids_bt,
+                             kernels=ctx.kernels)
+
+
+def kv_bytes(s: AttentionShape, c: int) -> tuple[float, float]:
+    """(q, k+v) bytes one rank holds of one layer: its T/c tokens, its heads."""
+    local = s.batch * s.seq_len / c * s.head_dim * s.elt
+    return local * s.q_heads, 2 * local * s.kv_heads
+
+
+def ring_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float, attention: Any
+              ) -> tuple[float, Optional[RingDetail]]:
+    """K/V rotated c-1 times each way, overlapping the blocks' compute; the fp32 dK/dV
+    accumulators travel c times, exposed (longtrain.parallel.costmodel's docstring)."""
+    if c <= 1:
+        return 0.0, None
+    _, kv = kv_bytes(s, c)
+    return ring_exposed(kv, fwd_attention_s, c, link, kv * 4 / s.elt)
+
+
+SPEC = BackendSpec(name="ring", kind="softmax", shards_sequence=True,
+                   build=lambda attention, model: ring_attention,
+                   forward_flops=softmax_forward_flops, comm=ring_comm)

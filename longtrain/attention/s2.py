@@ -25,7 +25,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
+from longtrain.attention.allgather import gather_sequence
+from longtrain.attention.dense import dense_attention, softmax_forward_flops
+from longtrain.attention.ring import ring_attention, ring_comm
+from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta, BackendSpec
+from longtrain.observability.flops import layer_attention_forward
 from longtrain.parallel.layout import zigzag_chunk_ids
 
 
@@ -175,13 +179,11 @@ class _GatherNeeded(torch.autograd.Function):
 # --------------------------------------------------------------------------- the backend
 
 def _local_doc_full(doc_bt: torch.Tensor, ctx: AttentionContext, prefix: int) -> torch.Tensor:
-    from longtrain.attention.linear import gather_sequence
-
     return gather_sequence(doc_bt, ctx, what="S2 document-id all-gather")[:, :prefix]
 
 
 def make_s2_attention(pattern: Any) -> AttentionFn:
-    """`attention=s2` for one pattern (shapes as in attention.base; the rank's first global
+    """`attention=s2` for one pattern (shapes as in attention.types; the rank's first global
     head is `meta.head_offset`)."""
 
     def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
@@ -189,7 +191,8 @@ def make_s2_attention(pattern: Any) -> AttentionFn:
         from longtrain_kernels.s2_attn import s2_attention as kernel
 
         doc = meta.doc_ids_bt
-        common = dict(head_offset=meta.head_offset, scale=meta.softmax_scale)
+        common = dict(head_offset=meta.head_offset, scale=meta.softmax_scale,
+                      backend=ctx.kernels)
         bs = pattern.block_size
         if ctx.cp_size == 1:
             t = q.shape[1]
@@ -228,9 +231,7 @@ def make_s2_attention(pattern: Any) -> AttentionFn:
 def dense_or_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
                   ctx: AttentionContext) -> torch.Tensor:
     """The dense layers of an s2 model: dense attention, ring attention under CP."""
-    from longtrain.attention.base import get_attention
-
-    return get_attention("dense" if ctx.cp_size == 1 else "ring")(q, k, v, meta, ctx)
+    return (dense_attention if ctx.cp_size == 1 else ring_attention)(q, k, v, meta, ctx)
 
 
 def s2_needed_fraction(pattern: Any, heads: tuple[int, ...], *, cp: int, chunk_blocks: int
@@ -242,3 +243,55 @@ def s2_needed_fraction(pattern: Any, heads: tuple[int, ...], *, cp: int, chunk_b
     got = [sum(1 for b in need[r] if _owner(b, cp=cp, chunk_blocks=chunk_blocks) != r)
            for r in range(cp)]
     return sum(got) / (len(got) * others) if others else 0.0
+
+
+# --------------------------------------------------------------------------- the specs
+
+def s2_problems(cfg: Any) -> list[str]:
+    """attention=s2: the pattern's fields, whether its heads cover the whole causal context,
+    and whether the sequence splits into whole blocks per CP chunk."""
+    s2 = cfg.attention.s2
+    out = []
+    for name in ("dense_first", "dense_every"):
+        if getattr(s2, name) < 0:
+            out.append(f"attention.s2.{name}={getattr(s2, name)} must be >= 0")
+    pattern = s2_pattern(s2, cfg.model.num_heads)
+    found = pattern.problems()
+    if found:
+        return out + found
+    chunk = cfg.data.seq_len // (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
+    if cfg.data.seq_len % (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1) or \
+            chunk % s2.block_size:
+        unit = s2.block_size * (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
+        out.append(f"data.seq_len={cfg.data.seq_len} must be a multiple of "
+                   f"attention.s2.block_size={s2.block_size}"
+                   + (f" * 2 * parallel.cp={cfg.parallel.cp}" if cfg.parallel.cp > 1 else "")
+                   + f" = {unit} (whole blocks per context-parallel chunk)")
+    elif pattern.uncovered(cfg.data.seq_len // s2.block_size):
+        out.append(f"attention.s2: the heads' vertical phases leave parts of the context unseen "
+                   f"(model.num_heads={cfg.model.num_heads} < vert_stride={s2.vert_stride}"
+                   f"{' with homo_head' if s2.homo_head else ''}, no dense heads); set "
+                   f"attention.s2.num_dense_heads >= 1, a smaller vert_stride, or more heads")
+    return out
+
+
+def s2_forward_flops(*, t: int, heads: int, head_dim: int, attention: Any) -> float:
+    """The (query, key) pairs the pattern visits, over all `heads` (global) heads."""
+    return layer_attention_forward("s2", t=t, heads=heads, head_dim=head_dim,
+                                   pattern=s2_pattern(attention.s2, heads))
+
+
+# the layers `attention.s2` keeps dense: dense attention, or ring under CP (not a
+# user-facing backend: it is only ever chosen through SPEC.layer_specs)
+DENSE_LAYER = BackendSpec(
+    name="s2_dense", kind="softmax", shards_sequence=True,
+    build=lambda attention, model: dense_or_ring, forward_flops=softmax_forward_flops,
+    comm=ring_comm, describe=lambda cp: "dense" if cp == 1 else "ring (s2 dense layer)")
+
+SPEC = BackendSpec(
+    name="s2", kind="softmax", shards_sequence=True,
+    build=lambda attention, model: make_s2_attention(s2_pattern(attention.s2, model.num_heads)),
+    forward_flops=s2_forward_flops, comm=ring_comm, problems=s2_problems,
+    layer_specs=lambda attention, n: [DENSE_LAYER if dense else None
+                                      for dense in dense_layers(attention.s2, n)])
+

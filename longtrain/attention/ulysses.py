@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.base import AttentionContext, AttentionMeta, register_attention
-from longtrain.attention.dense import dense_attention
+from longtrain.attention.dense import dense_attention, softmax_forward_flops
+from longtrain.attention.ring import kv_bytes, ring_attention_fn
+from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
+from longtrain.parallel.collective_cost import (AttentionShape, Link, RingDetail, all_to_all,
+                                               ring_exposed)
 from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
 from longtrain.parallel.layout import split_for_cp
 
@@ -162,9 +165,10 @@ class _LocalAttention:
     """What runs between the all-to-alls: reorder, attend over the sequence, reorder back."""
 
     def __init__(self, *, to_ring: torch.Tensor, to_gathered: torch.Tensor, ring_group,
-                 causal: bool, scale: Optional[float], doc_bt: Optional[torch.Tensor]) -> None:
+                 causal: bool, scale: Optional[float], doc_bt: Optional[torch.Tensor],
+                 kernels: str) -> None:
         self.to_ring, self.to_gathered = to_ring, to_gathered
-        self.ring_group = ring_group
+        self.ring_group, self.kernels = ring_group, kernels
         self.causal, self.scale, self.doc_bt = causal, scale, doc_bt
 
     def __call__(self, q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor
@@ -175,10 +179,8 @@ class _LocalAttention:
                                  softmax_scale=self.scale)
             out = dense_attention(q, k, v, meta, AttentionContext())
         else:
-            from longtrain.attention.ring import ring_attention_fn
-
             out = ring_attention_fn(q, k, v, group=self.ring_group, causal=self.causal,
-                                    scale=self.scale, doc_bt=self.doc_bt)
+                                    scale=self.scale, doc_bt=self.doc_bt, kernels=self.kernels)
         return out.index_select(1, self.to_gathered)
 
 
@@ -192,7 +194,7 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
                          ulysses_group, ring_group, cp_size: int, cp_rank: int,
                          causal: bool = True, scale: Optional[float] = None,
                          doc_bt: Optional[torch.Tensor] = None,
-                         backend: str = "ulysses") -> torch.Tensor:
+                         backend: str = "ulysses", kernels: str = "auto") -> torch.Tensor:
     """Ulysses (ring_group None: u == cp) or ulysses x ring attention on this rank's zigzag shard.
 
     q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq and Hkv divisible by u = size of
@@ -211,7 +213,7 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
                                            ring_rank=ring_rank, device=q_bthd.device)
     doc = None if doc_bt is None else _gather_docs(doc_bt, ulysses_group, to_ring)
     local = _LocalAttention(to_ring=to_ring, to_gathered=to_gathered, ring_group=ring_group,
-                            causal=causal, scale=scale, doc_bt=doc)
+                            causal=causal, scale=scale, doc_bt=doc, kernels=kernels)
     ensure_deepspeed_comm()
     from deepspeed.sequence.layer import DistributedAttention
 
@@ -224,10 +226,9 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
         return attn(q_bthd, k_bthd, v_bthd, _BATCH_DIM)
 
 
-@register_attention("ulysses", supports_cp=True)
 def ulysses_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
                       meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
-    """`attention=ulysses`: all-to-all over the whole CP group (shapes as in attention.base)."""
+    """`attention=ulysses`: all-to-all over the whole CP group (shapes as in attention.types)."""
     if ctx.layout != "zigzag":
         raise ValueError(f"ulysses attention needs the zigzag layout, got {ctx.layout!r}")
     if ctx.cp_size == 1:
@@ -238,7 +239,6 @@ def ulysses_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.
                                 doc_bt=meta.doc_ids_bt, backend="ulysses")
 
 
-@register_attention("ulysses_ring", supports_cp=True)
 def ulysses_ring_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
                            meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
     """`attention=ulysses_ring`: all-to-all over ctx.ulysses_group, ring over ctx.ring_group."""
@@ -252,4 +252,38 @@ def ulysses_ring_attention(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: t
                                 ring_group=ctx.ring_group, cp_size=ctx.cp_size,
                                 cp_rank=ctx.cp_rank, causal=meta.causal,
                                 scale=meta.softmax_scale, doc_bt=meta.doc_ids_bt,
-                                backend="ulysses_ring")
+                                backend="ulysses_ring", kernels=ctx.kernels)
+
+
+def ulysses_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float,
+                 attention: Any) -> tuple[float, Optional[RingDetail]]:
+    """All-to-alls of q, k, v, out forward and dout, dq, dk, dv backward, not overlapped."""
+    if c <= 1:
+        return 0.0, None
+    q, kv = kv_bytes(s, c)
+    return 2 * (all_to_all(2 * q, c, link) + all_to_all(kv, c, link)), None
+
+
+def ulysses_ring_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float,
+                      attention: Any) -> tuple[float, Optional[RingDetail]]:
+    """The all-to-alls over u ranks, then a ring over c/u ranks."""
+    if c <= 1:
+        return 0.0, None
+    u = attention.ulysses_degree or 2
+    q, kv = kv_bytes(s, c)
+    a2a = 2 * (all_to_all(2 * q, u, link) + all_to_all(kv, u, link))
+    # after the all-to-all a rank holds u shards' tokens (T/r) for 1/u of the heads
+    exposed, detail = ring_exposed(kv, fwd_attention_s, c // u, link, kv * 4 / s.elt)
+    return a2a + exposed, detail
+
+
+ULYSSES = BackendSpec(name="ulysses", kind="softmax", shards_sequence=True,
+                      build=lambda attention, model: ulysses_attention,
+                      forward_flops=softmax_forward_flops, comm=ulysses_comm,
+                      problems=ulysses_problems)
+ULYSSES_RING = BackendSpec(
+    name="ulysses_ring", kind="softmax", shards_sequence=True,
+    build=lambda attention, model: ulysses_ring_attention,
+    forward_flops=softmax_forward_flops, comm=ulysses_ring_comm, problems=ulysses_problems,
+    cp_sizes=lambda attention, cp: hierarchical_cp_sizes("ulysses_ring",
+                                                         attention.ulysses_degree, cp))

@@ -29,23 +29,12 @@ def _layout(cfg: Any) -> list[str]:
     return lines
 
 
-def _attention(cfg: Any) -> list[str]:
-    from longtrain.attention.s2 import dense_layers
-    from longtrain.model.llama import layer_kinds
+def attention_lines(cfg: Any) -> list[str]:
+    """The `--check` line naming the attention each layer runs (runs of equal layers joined)."""
+    from longtrain.attention.plan import plan_layers
 
-    backend = cfg.attention.backend
-    kinds = layer_kinds(cfg.model, linear_default=backend in ("lasp1", "lasp2"))
-    cp = cfg.parallel.cp
-    per_layer = []
-    for i, kind in enumerate(kinds):
-        if kind == "linear":
-            per_layer.append(f"linear ({backend if backend in ('lasp1', 'lasp2') else 'lasp2'})")
-        elif backend in ("lasp1", "lasp2"):
-            per_layer.append(f"softmax ({cfg.attention.softmax})")
-        elif backend == "s2" and dense_layers(cfg.attention.s2, len(kinds))[i]:
-            per_layer.append("dense" if cp == 1 else "ring (s2 dense layer)")
-        else:
-            per_layer.append(backend)
+    plan = plan_layers(cfg.attention, cfg.model, cp=cfg.parallel.cp, strict=False)
+    per_layer = [p.label for p in plan]
     runs: list[str] = []
     start = 0
     for i in range(1, len(per_layer) + 1):
@@ -53,7 +42,7 @@ def _attention(cfg: Any) -> list[str]:
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
             runs.append(f"{span}: {per_layer[start]}")
             start = i
-    return [f"attention per layer ({len(kinds)} layers): " + "; ".join(runs)]
+    return [f"attention per layer ({len(per_layer)} layers): " + "; ".join(runs)]
 
 
 def _memory(cfg: Any) -> tuple[list[str], bool]:
@@ -159,7 +148,7 @@ def check_report(cfg: Any) -> tuple[str, list[str], bool]:
     if not dims.problems():
         lines += _layout(cfg)
     if not pattern_problems(cfg.model.layer_pattern) and cfg.model.num_layers >= 1:
-        lines += _attention(cfg)
+        lines += attention_lines(cfg)
     fits = True
     if not found:
         memory_lines, fits = _memory(cfg)

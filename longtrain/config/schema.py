@@ -259,6 +259,10 @@ class TrainConfig:
     steps: int = 300
     # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
     precision: str = "fp32"
+    # auto | triton | torch: which implementation runs the attention and int8 kernels.
+    # auto: the Triton kernels on CUDA when triton is importable, else the PyTorch paths;
+    # triton / torch force one (triton on CPU only under Triton's interpreter, for tests).
+    kernels: str = "auto"
     # torch's seed: the initial weights of a model trained from scratch
     seed: int = 1234
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.

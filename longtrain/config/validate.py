@@ -14,6 +14,7 @@ from longtrain.parallel.dims import ParallelDims
 
 _CHOICES = {
     "train.precision": ("fp32", "bf16"),
+    "train.kernels": ("auto", "triton", "torch"),
     "optim.schedule": ("cosine", "constant"),
     "optim.name": ("adamw",),
     "launcher.kind": ("local", "ray"),
@@ -75,62 +76,21 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     return out
 
 
-def _linear_problems(cfg: RunConfig) -> list[str]:
-    """Hybrid / linear-attention models: the layer pattern and which method runs which layer."""
-    from longtrain.attention.linear import LINEAR_BACKENDS
-    from longtrain.model.llama import layer_kinds, pattern_problems
+def _layer_problems(cfg: RunConfig) -> list[str]:
+    """The layer pattern, then the backend's own problems (its spec's `problems`): for a
+    hybrid / linear-attention model, which method runs which layer."""
+    from longtrain.attention.pattern import layer_kinds, pattern_problems
+    from longtrain.attention.table import TABLE
 
     m, a = cfg.model, cfg.attention
     out = pattern_problems(m.layer_pattern)
-    if out:
-        return out
-    linear = a.backend in LINEAR_BACKENDS
-    kinds = layer_kinds(m, linear_default=linear)
-    if "linear" in kinds and not linear:
+    spec = TABLE.get(a.backend)
+    linear = spec is not None and spec.kind == "linear"
+    if not out and not linear and "linear" in layer_kinds(m):
         out.append(f"model.layer_pattern={m.layer_pattern!r} has linear-attention layers: "
                    f"choose their sequence-parallel method with attention=lasp1 or "
                    f"attention=lasp2 (attention.backend is {a.backend!r})")
-    if linear and "softmax" in kinds:
-        allowed = ("allgather", "ring", "dense")
-        if a.softmax not in allowed:
-            out.append(f"attention.softmax={a.softmax!r} (the softmax layers of "
-                       f"model.layer_pattern={m.layer_pattern!r}) is not one of {list(allowed)}")
-        elif a.softmax == "dense" and cfg.parallel.cp > 1:
-            out.append(f"attention.softmax='dense' cannot run with parallel.cp={cfg.parallel.cp}; "
-                       f"use allgather (LASP-2H) or ring")
-    return out
-
-
-def _s2_problems(cfg: RunConfig) -> list[str]:
-    """attention=s2: the pattern's fields, whether its heads cover the whole causal context,
-    and whether the sequence splits into whole blocks per CP chunk."""
-    if cfg.attention.backend != "s2":
-        return []
-    from longtrain.attention.s2 import s2_pattern
-
-    s2 = cfg.attention.s2
-    out = []
-    for name in ("dense_first", "dense_every"):
-        if getattr(s2, name) < 0:
-            out.append(f"attention.s2.{name}={getattr(s2, name)} must be >= 0")
-    pattern = s2_pattern(s2, cfg.model.num_heads)
-    found = pattern.problems()
-    if found:
-        return out + found
-    chunk = cfg.data.seq_len // (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
-    if cfg.data.seq_len % (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1) or \
-            chunk % s2.block_size:
-        unit = s2.block_size * (2 * cfg.parallel.cp if cfg.parallel.cp > 1 else 1)
-        out.append(f"data.seq_len={cfg.data.seq_len} must be a multiple of "
-                   f"attention.s2.block_size={s2.block_size}"
-                   + (f" * 2 * parallel.cp={cfg.parallel.cp}" if cfg.parallel.cp > 1 else "")
-                   + f" = {unit} (whole blocks per context-parallel chunk)")
-    elif pattern.uncovered(cfg.data.seq_len // s2.block_size):
-        out.append(f"attention.s2: the heads' vertical phases leave parts of the context unseen "
-                   f"(model.num_heads={cfg.model.num_heads} < vert_stride={s2.vert_stride}"
-                   f"{' with homo_head' if s2.homo_head else ''}, no dense heads); set "
-                   f"attention.s2.num_dense_heads >= 1, a smaller vert_stride, or more heads")
-    return out
+    return out + (spec.problems(cfg) if spec is not None else [])
 
 
 def _rope_problems(cfg: RunConfig) -> list[str]:
@@ -181,7 +141,7 @@ def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
 
 
 def problems(cfg: RunConfig) -> list[str]:
-    from longtrain.attention.base import attention_names, supports_cp
+    from longtrain.attention.table import attention_names, supports_cp
 
     dims = ParallelDims.from_config(cfg.parallel)
     out = dims.problems()
@@ -198,8 +158,7 @@ def problems(cfg: RunConfig) -> list[str]:
     elif cfg.parallel.cp > 1 and not supports_cp(backend):
         out.append(f"attention.backend={backend!r} does not support context parallelism "
                    f"(parallel.cp={cfg.parallel.cp}); use parallel.cp=1")
-    out += _linear_problems(cfg)
-    out += _s2_problems(cfg)
+    out += _layer_problems(cfg)
     out += _memory_problems(cfg)
     # Always checked: a model problem (say num_heads vs tp) must not hide a bad rope setting.
     out += _rope_problems(cfg)
@@ -218,9 +177,6 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append(f"optim.zero={cfg.optim.zero} with a train.schedule that changes the CP "
                    f"degree: the ZeRO shards are laid out over CP x DP; keep cp fixed or use "
                    f"optim.zero=0")
-    from longtrain.attention.ulysses import ulysses_problems
-
-    out += ulysses_problems(cfg)
     if cfg.attention.check_every < 0:
         out.append(f"attention.check_every={cfg.attention.check_every} must be >= 0 (0 disables)")
     if cfg.attention.check_tol is not None and cfg.attention.check_tol <= 0:
@@ -297,7 +253,7 @@ def _schedule_problems(cfg: RunConfig, found: list[str]) -> list[str]:
         scfg = stage_config(cfg, stage)
         dims = ParallelDims.from_config(scfg.parallel)
         stage_found = dims.problems() + _data_problems(scfg, dims)
-        from longtrain.attention.base import supports_cp
+        from longtrain.attention.table import supports_cp
 
         if stage.cp > 1 and not supports_cp(cfg.attention.backend):
             stage_found.append(f"attention.backend={cfg.attention.backend!r} does not support "

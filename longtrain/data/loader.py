@@ -18,6 +18,7 @@ import torch
 
 from longtrain.config.schema import DataConfig
 from longtrain.data.prefetch import prefetch
+from longtrain.data.streaming import StreamCursor
 from longtrain.data.synthetic import (TASKS, packed_task_tokens, task_answer_mask, task_problems,
                                       task_tokens)
 from longtrain.data.tokenizer import BYTE, load_tokenizer, tokenizer_problems, without_source
@@ -122,10 +123,18 @@ def source_problems(cfg: DataConfig) -> list[str]:
     return out
 
 
-def global_batch(cfg: DataConfig, indices: list[int]
+def stream_cursor(cfg: DataConfig) -> Optional[StreamCursor]:
+    """A reader's position in `cfg`'s stream (None unless data.streaming): pass it to every
+    `global_batch` of that reader, so consecutive batches continue the stream."""
+    return StreamCursor(cfg) if cfg.streaming else None
+
+
+def global_batch(cfg: DataConfig, indices: list[int], *,
+                 cursor: Optional[StreamCursor] = None
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token ids and document ids (None: one document per sequence), [N, seq_len + 1] each,
-    of the given global sample indices."""
+    of the given global sample indices. `cursor` (data.streaming): the reader's position in
+    the stream, from `stream_cursor`; without one the stream is read from its start."""
     if cfg.source == "synthetic":
         tok = load_tokenizer(cfg.tokenizer)
         if cfg.docs_per_seq > 1:
@@ -135,9 +144,7 @@ def global_batch(cfg: DataConfig, indices: list[int]
         return task_tokens(cfg.task, seq_len=cfg.seq_len, seed=cfg.seed, indices=indices,
                            tokenizer=tok), None
     if cfg.streaming:
-        from longtrain.data.streaming import stream_cursor
-
-        return stream_cursor(cfg).batch(indices)
+        return (cursor if cursor is not None else stream_cursor(cfg)).batch(indices)
     from longtrain.data.packed import open_packed
 
     if cfg.packed is None:
@@ -198,14 +205,14 @@ def shard_sequences(seq_bt1: torch.Tensor, *, cp_size: int, cp_rank: int,
 
 
 def micro_batches(cfg: DataConfig, *, step: int, dp_size: int, dp_rank: int, cp_size: int,
-                  cp_rank: int) -> list[MicroBatch]:
-    """This rank's micro-batches of global step `step`."""
+                  cp_rank: int, cursor: Optional[StreamCursor] = None) -> list[MicroBatch]:
+    """This rank's micro-batches of global step `step` (`cursor`: see `global_batch`)."""
     per_dp = cfg.batch_size // dp_size
     first = step * cfg.batch_size + dp_rank * per_dp
     out = []
     for start in range(first, first + per_dp, cfg.micro_batch_size):
         indices = list(range(start, start + cfg.micro_batch_size))
-        seq, docs = global_batch(cfg, indices)
+        seq, docs = global_batch(cfg, indices, cursor=cursor)
         out.append(shard_sequences(seq, cp_size=cp_size, cp_rank=cp_rank, doc_bt1=docs,
                                    weight_bt1=answer_weights(cfg, indices)))
     return out
@@ -215,9 +222,11 @@ def iterate(cfg: DataConfig, *, start_step: int, dp_size: int, dp_rank: int, cp_
             cp_rank: int) -> Iterator[list[MicroBatch]]:
     """This rank's micro-batches of steps start_step, start_step + 1, ... (endless)."""
     step = start_step
+    # the iterator is the stream's one reader in this process
+    cursor = stream_cursor(cfg)
     while True:
         yield micro_batches(cfg, step=step, dp_size=dp_size, dp_rank=dp_rank, cp_size=cp_size,
-                            cp_rank=cp_rank)
+                            cp_rank=cp_rank, cursor=cursor)
         step += 1
 
 

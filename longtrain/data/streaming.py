@@ -27,7 +27,8 @@ _BATCH = 64
 
 class StreamCursor:
     """Global sequences of a stream, served in increasing index order (a smaller index
-    restarts the stream from the beginning)."""
+    restarts the stream from the beginning). Held by its reader (the training data iterator,
+    an eval pass), which passes it to `loader.global_batch`."""
 
     def __init__(self, d: DataConfig) -> None:
         self.cfg = d
@@ -115,15 +116,3 @@ class StreamCursor:
         return (torch.from_numpy(np.stack([r[0] for r in rows])),
                 torch.from_numpy(np.stack([r[1] for r in rows])))
 
-
-_CURSORS: dict[str, StreamCursor] = {}
-_CURSORS_LOCK = threading.Lock()
-
-
-def stream_cursor(d: DataConfig) -> StreamCursor:
-    """This process's cursor over `d`'s stream."""
-    key = repr(d)
-    with _CURSORS_LOCK:
-        if key not in _CURSORS:
-            _CURSORS[key] = StreamCursor(d)
-        return _CURSORS[key]

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from longtrain.config.eval_schema import EvalRunConfig
 from longtrain.config.schema import DataConfig
 from longtrain.data.eval_tasks import make_eval_prompts
-from longtrain.data.loader import MicroBatch, global_batch
+from longtrain.data.loader import MicroBatch, global_batch, stream_cursor
 from longtrain.data.tokenizer import load_tokenizer
 from longtrain.eval.scoring import Forward, LossSum, predict_answer, sequence_nll
 from longtrain.observability.log import get_logger
@@ -109,8 +109,9 @@ def _perplexity(forward: Forward, loss_sum: LossSum, cfg: EvalRunConfig, mesh: _
         data = dataclasses.replace(cfg.data, seq_len=length)
         indices = perplexity_indices(data, cfg.eval.perplexity_samples)
         sums = torch.zeros(2, dtype=torch.float64, device=mesh.device)
+        cursor = stream_cursor(data)
         for index in indices[mesh.dp_rank::mesh.dp_size]:
-            seq_bn, doc_bn = global_batch(data, [index])
+            seq_bn, doc_bn = global_batch(data, [index], cursor=cursor)
             nll, count = sequence_nll(forward, loss_sum, seq_bn, doc_bn=doc_bn, pad_id=tok.pad_id,
                                       cp_size=mesh.cp_size, cp_rank=mesh.cp_rank,
                                       device=mesh.device)
@@ -142,7 +143,7 @@ def evaluate_with(forward: Forward, *, cfg: EvalRunConfig, loss_sum: LossSum,
 def evaluate_rank(cfg: EvalRunConfig, runtime: ParallelRuntime) -> dict[str, Any]:
     """Load `cfg.checkpoint` as this rank's TP shard and run `evaluate_with` on it (every rank
     of the world calls this; the result is the same everywhere)."""
-    from longtrain.attention.base import model_attention
+    from longtrain.attention.plan import model_attention
     from longtrain.checkpoint.source import open_source_weights, read_model_source
     from longtrain.model.llama import LlamaModel
     from longtrain.model.sharding import load_canonical

@@ -94,7 +94,7 @@ class Shape:
 
     @classmethod
     def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
-        from longtrain.model.llama import layer_kinds
+        from longtrain.attention.plan import plan_layers
 
         m, tp, cp = cfg.model, cfg.parallel.tp, cfg.parallel.cp
         d = m.head_dim or m.hidden_size // m.num_heads
@@ -102,8 +102,7 @@ class Shape:
         elem = 2 if cfg.train.precision == "bf16" else 4
         vocab = -(-m.vocab_size // tp)
         q, kv, inter = m.num_heads * d // tp, m.num_kv_heads * d // tp, m.intermediate_size // tp
-        kinds = layer_kinds(m, linear_default=cfg.attention.backend in ("lasp1", "lasp2"))
-        n_linear = kinds.count("linear")
+        n_linear = sum(layer.kind == "linear" for layer in plan_layers(cfg.attention, m))
         per_layer = (m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * inter
                      + 2 * m.hidden_size)
         params = (m.num_layers * per_layer + n_linear * m.hidden_size * q

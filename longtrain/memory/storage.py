@@ -57,14 +57,14 @@ class StoreStats:
 class _Int8:
     """A stored int8 copy: values, per-group scales and how to rebuild the tensor."""
 
-    __slots__ = ("q", "scale", "shape", "dtype", "device", "group_size")
+    __slots__ = ("q", "scale", "shape", "dtype", "device", "group_size", "kernels")
 
-    def __init__(self, x: torch.Tensor, group_size: int, offload: bool) -> None:
+    def __init__(self, x: torch.Tensor, group_size: int, offload: bool, kernels: str) -> None:
         from longtrain_kernels.int8_quant import quantize
 
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
-        self.group_size = group_size
-        q, scale = quantize(x.detach(), group_size)
+        self.group_size, self.kernels = group_size, kernels
+        q, scale = quantize(x.detach(), group_size, backend=kernels)
         self.q, self.scale = (_to_host(q), _to_host(scale)) if offload else (q, scale)
 
     def nbytes(self) -> int:
@@ -76,7 +76,7 @@ class _Int8:
         q = self.q.to(self.device, non_blocking=True)
         scale = self.scale.to(self.device, non_blocking=True)
         return dequantize(q, scale, shape=self.shape, dtype=self.dtype,
-                          group_size=self.group_size)
+                          group_size=self.group_size, backend=self.kernels)
 
 
 class _Host:
@@ -119,12 +119,14 @@ class ActivationStore:
     """The saved-tensor policy of one model (see the module docstring).
 
     int8: store floating activations as int8; offload: keep stored copies in pinned host
-    memory (ignored for tensors not on CUDA); params: the model's parameters (never packed).
+    memory (ignored for tensors not on CUDA); params: the model's parameters (never packed);
+    kernels: the int8 kernels (auto | triton | torch, `train.kernels`).
     """
 
     def __init__(self, *, int8: bool = False, offload: bool = False, group_size: int = 64,
-                 params: Iterable[torch.Tensor] = ()) -> None:
+                 params: Iterable[torch.Tensor] = (), kernels: str = "auto") -> None:
         self.int8, self.offload, self.group_size = int8, offload, group_size
+        self.kernels = kernels
         self._param_ptrs = {p.data_ptr() for p in params}
         # storages kept as is and counted once (`share`: RoPE's cos / sin)
         self._shared: set[int] = set()
@@ -212,7 +214,7 @@ class ActivationStore:
         if key[0] in self._shared:
             offload = False
         elif self._quantizable(x, pred):
-            packed = _Int8(x, self.group_size, offload)
+            packed = _Int8(x, self.group_size, offload, self.kernels)
             stats.quantized_tensors += 1
             if offload:
                 stats.host_bytes += packed.nbytes()
@@ -238,10 +240,11 @@ def null_store() -> ActivationStore:
     return ActivationStore()
 
 
-def store_for(memory_cfg: Any, params: Iterable[torch.Tensor]) -> ActivationStore:
-    """The store `memory.activations` / `memory.offload` ask for."""
+def store_for(memory_cfg: Any, params: Iterable[torch.Tensor], *,
+              kernels: str = "auto") -> ActivationStore:
+    """The store `memory.activations` / `memory.offload` ask for, quantizing with `kernels`."""
     return ActivationStore(int8=memory_cfg.activations == "int8", offload=memory_cfg.offload,
-                           group_size=memory_cfg.group_size, params=params)
+                           group_size=memory_cfg.group_size, params=params, kernels=kernels)
 
 
 __all__ = ["ActivationStore", "StoreStats", "null_store", "store_for"]

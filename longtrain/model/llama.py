@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtrain.attention.base import AttentionContext, AttentionFn, AttentionMeta
+from longtrain.attention.pattern import layer_kinds, pattern_problems
+from longtrain.attention.plan import is_linear_backend
+from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
 from longtrain.memory.functions import rms_norm, swiglu, swiglu_down
 from longtrain.memory.recompute import checkpointed
@@ -31,45 +33,12 @@ from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
 FEATURE_MAPS = {"silu": F.silu, "elu1": lambda x: F.elu(x) + 1.0, "identity": lambda x: x}
 
 
-def pattern_problems(pattern: str) -> list[str]:
-    """What is wrong with a `model.layer_pattern` (see `layer_kinds`)."""
-    if ":" in pattern:
-        parts = pattern.split(":")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not any(int(p) for p in parts):
-            return [f"model.layer_pattern={pattern!r}: a ratio is linear:softmax layer counts, "
-                    f"e.g. '3:1'"]
-        return []
-    bad = sorted(set(pattern) - set("LS"))
-    if bad:
-        return [f"model.layer_pattern={pattern!r} may hold only L (linear) and S (softmax), "
-                f"not {bad}"]
-    return []
-
-
-def layer_kinds(cfg: ModelConfig, *, linear_default: bool = False) -> list[str]:
-    """"linear" or "softmax" for every layer: `model.layer_pattern` repeated over the layers
-    ("LLLS", or the ratio "3:1" = "LLLS"); an empty pattern is every layer softmax, or every
-    layer linear with `linear_default` (attention=lasp1|lasp2)."""
-    pattern = cfg.layer_pattern
-    problems = pattern_problems(pattern)
-    if problems:
-        raise ValueError(problems[0])
-    if ":" in pattern:
-        linear, softmax = (int(p) for p in pattern.split(":"))
-        pattern = "L" * linear + "S" * softmax
-    pattern = pattern or ("L" if linear_default else "S")
-    return ["linear" if pattern[i % len(pattern)] == "L" else "softmax"
-            for i in range(cfg.num_layers)]
-
-
 def apply_layer_pattern(cfg: RunConfig) -> RunConfig:
     """Make the layer kinds explicit in the config a run saves with its checkpoints: with
     attention=lasp1|lasp2 and no pattern every layer is linear ("L"). A model with linear
     layers has no Hugging Face equivalent, so `train.save_hf` is turned off (said once)."""
-    from longtrain.attention.linear import LINEAR_BACKENDS
-
     if not pattern_problems(cfg.model.layer_pattern) and not cfg.model.layer_pattern \
-            and cfg.attention.backend in LINEAR_BACKENDS:
+            and is_linear_backend(cfg.attention.backend):
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_pattern="L"))
     if cfg.train.save_hf and not pattern_problems(cfg.model.layer_pattern) \
             and "linear" in layer_kinds(cfg.model):

@@ -86,26 +86,11 @@ def layer_attention_forward(kind: str, *, t: int, heads: int, head_dim: int,
     raise ValueError(f"unknown attention kind {kind!r} (softmax | s2 | linear)")
 
 
-def layer_attention_kinds(cfg: Any) -> list[str]:
-    """softmax | s2 | linear for each layer of the run config's model."""
-    from longtrain.attention.linear import LINEAR_BACKENDS
-    from longtrain.model.llama import layer_kinds
-
-    backend = cfg.attention.backend
-    kinds = layer_kinds(cfg.model, linear_default=backend in LINEAR_BACKENDS)
-    out = ["linear" if k == "linear" else "softmax" for k in kinds]
-    if backend == "s2":
-        from longtrain.attention.s2 import dense_layers
-
-        dense = dense_layers(cfg.attention.s2, cfg.model.num_layers)
-        out = ["softmax" if d or k == "linear" else "s2" for k, d in zip(out, dense)]
-    return out
-
-
 def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = None
                ) -> StepFlops:
     """FLOPs of one optimizer step of the run config (`data.batch_size` sequences of
     `data.seq_len` tokens unless given), forward + backward."""
+    from longtrain.attention.plan import plan_layers
     from longtrain.model.llama import ModelShape
 
     m = cfg.model
@@ -113,17 +98,12 @@ def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = 
     n_seq = sequences or cfg.data.batch_size
     d = ModelShape(m, 1).head_dim
     h, hq, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
-    kinds = layer_attention_kinds(cfg)
-    pattern = None
-    if "s2" in kinds:
-        from longtrain.attention.s2 import s2_pattern
-
-        pattern = s2_pattern(cfg.attention.s2, hq)
     per_token = 2.0 * h * m.vocab_size
     attention = 0.0
-    for kind in kinds:
+    for layer in plan_layers(cfg.attention, m):
         per_token += 2.0 * h * (hq + 2 * hkv) * d + 2.0 * hq * d * h + 6.0 * h * m.intermediate_size
-        if kind == "linear":
+        if layer.kind == "linear":
+            # the linear layer's output gate
             per_token += 2.0 * h * hq * d
-        attention += layer_attention_forward(kind, t=t, heads=hq, head_dim=d, pattern=pattern)
+        attention += layer.spec.forward_flops(t=t, heads=hq, head_dim=d, attention=cfg.attention)
     return StepFlops(matmul=3.0 * per_token * t * n_seq, attention=3.0 * attention * n_seq)

@@ -65,19 +65,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Link:
-    """One direction of one device's share of a link."""
-
-    gbytes_per_s: float
-    latency_s: float
-
-    def time(self, nbytes: float) -> float:
-        return self.latency_s + nbytes / (self.gbytes_per_s * GB)
-
+# the formulas live in collective_cost; re-exported for the benchmarks that import them here
+from longtrain.parallel.collective_cost import (GB, AttentionShape, Link, RingDetail, all_gather,
+                                               all_reduce, all_to_all, p2p, reduce_scatter,
+                                               ring_exposed)
 
 @dataclass(frozen=True)
 class Cluster:
@@ -176,92 +167,34 @@ def fit_line(xs: list[float], ys: list[float], *, weights: Optional[list[float]]
     return my - slope * mx, slope
 
 
-def p2p(n: float, link: Link) -> float:
-    return link.time(n)
-
-
-def all_reduce(n: float, c: int, link: Link) -> float:
-    return 0.0 if c <= 1 else 2 * (c - 1) * link.time(n / c)
-
-
-def all_gather(n: float, c: int, link: Link) -> float:
-    return 0.0 if c <= 1 else (c - 1) * link.time(n)
-
-
-def reduce_scatter(n: float, c: int, link: Link) -> float:
-    return 0.0 if c <= 1 else (c - 1) * link.time(n / c)
-
-
-def all_to_all(n: float, c: int, link: Link) -> float:
-    return 0.0 if c <= 1 else (c - 1) * link.time(n / c)
-
-
 # ----------------------------------------------------------------- attention under CP
 
 
-@dataclass(frozen=True)
-class RingDetail:
-    hop_s: float
-    block_s: float
+def _attention_cfg(backend: str, ulysses_degree: int = 0) -> Any:
+    from longtrain.config.schema import AttentionConfig
 
-    @property
-    def hidden(self) -> bool:
-        return self.block_s >= self.hop_s
+    return AttentionConfig(backend=backend, ulysses_degree=ulysses_degree)
 
 
-def ring_exposed(kv_bytes: float, fwd_attention_s: float, c: int, link: Link,
-                 acc_bytes: float) -> tuple[float, RingDetail]:
-    """Exposed seconds of one ring attention fwd+bwd over c ranks: `kv_bytes` the K/V block a
-    rank holds, `fwd_attention_s` the rank's whole forward attention compute, `acc_bytes` the
-    dK/dV accumulators travelling in the backward (c hops, each waited for before the next
-    block's compute: exposed whole)."""
-    if c <= 1:
-        return 0.0, RingDetail(0.0, fwd_attention_s)
-    block = fwd_attention_s / c
-    hop = p2p(kv_bytes, link)
-    fwd = (c - 1) * max(0.0, hop - block)
-    bwd = (c - 1) * max(0.0, hop - 2 * block) + c * p2p(acc_bytes, link)
-    return fwd + bwd, RingDetail(hop, block)
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """One rank's part of one attention layer: tokens per sequence T, sequences b, the
-    rank's heads (after TP), head dim, bytes per element."""
-
-    seq_len: int
-    batch: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    elt: int
+def layer_comm(spec: Any, s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float,
+               attention: Any) -> tuple[float, Optional[RingDetail]]:
+    """Exposed CP seconds of one attention layer's fwd+bwd on one rank, by the backend spec's
+    communication model."""
+    if spec.comm is None:
+        if c <= 1:
+            return 0.0, None
+        raise ValueError(f"no communication model for attention backend {spec.name!r}")
+    return spec.comm(s, c=c, link=link, fwd_attention_s=fwd_attention_s, attention=attention)
 
 
 def attention_comm(backend: str, s: AttentionShape, *, c: int, link: Link,
                    fwd_attention_s: float, ulysses_degree: int = 0
                    ) -> tuple[float, Optional[RingDetail]]:
     """Exposed CP seconds of one softmax attention layer's fwd+bwd on one rank."""
-    local = s.batch * s.seq_len / c * s.head_dim * s.elt
-    q_bytes, kv_bytes = local * s.q_heads, local * s.kv_heads
-    acc = 2 * kv_bytes * 4 / s.elt
-    if c <= 1 or backend == "dense":
-        return 0.0, None
-    if backend in ("ring", "s2"):
-        return ring_exposed(2 * kv_bytes, fwd_attention_s, c, link, acc)
-    if backend == "ulysses":
-        # fwd q, k, v, out; bwd dout, dq, dk, dv
-        return 2 * (all_to_all(2 * q_bytes, c, link) + all_to_all(2 * kv_bytes, c, link)), None
-    if backend == "ulysses_ring":
-        u = ulysses_degree or 2
-        r = c // u
-        a2a = 2 * (all_to_all(2 * q_bytes, u, link) + all_to_all(2 * kv_bytes, u, link))
-        # after the all-to-all a rank holds u shards' tokens (T/r) for 1/u of the heads
-        exposed, detail = ring_exposed(2 * kv_bytes, fwd_attention_s, r, link, acc)
-        return a2a + exposed, detail
-    if backend == "allgather":
-        # forward K and V gathered; backward dK and dV of the whole sequence all-reduced
-        return all_gather(2 * kv_bytes, c, link) + all_reduce(2 * c * kv_bytes, c, link), None
-    raise ValueError(f"no communication model for attention backend {backend!r}")
+    from longtrain.attention.table import get_spec
+
+    return layer_comm(get_spec(backend), s, c=c, link=link, fwd_attention_s=fwd_attention_s,
+                      attention=_attention_cfg(backend, ulysses_degree))
 
 
 def attention_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster,
@@ -279,11 +212,11 @@ def attention_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster,
 
 
 def masked_factor(backend: str, seq_len: int, c: int) -> float:
-    """The attention FLOPs a backend computes over the causal ones: allgather's mask is applied
-    to all T/c x T (query, key) pairs of a rank instead of skipping the future."""
-    if backend != "allgather" or c <= 1:
-        return 1.0
-    return seq_len * seq_len / (seq_len * (seq_len + 1) / 2)
+    """The attention FLOPs a backend computes over the causal ones (its spec's
+    `compute_factor`; allgather applies its mask instead of skipping the future)."""
+    from longtrain.attention.table import get_spec
+
+    return get_spec(backend).compute_factor(seq_len, c)
 
 
 def linear_eff(cluster: Cluster) -> float:
@@ -306,14 +239,11 @@ def linear_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster
 def linear_comm(backend: str, *, q_heads: int, head_dim: int, batch: int, c: int, link: Link
                 ) -> float:
     """Exposed CP seconds of one linear-attention layer's fwd+bwd (LASP) on one rank."""
-    state = batch * q_heads * head_dim * head_dim * 4
-    if c <= 1:
-        return 0.0
-    if backend == "lasp1":
-        # 2 (c-1) chained hops forward, the same backward
-        return 4 * (c - 1) * p2p(state, link)
-    # lasp2: the 2 zigzag chunks' states all-gathered, forward and backward
-    return 2 * all_gather(2 * state, c, link)
+    from longtrain.attention.table import get_spec
+
+    shape = AttentionShape(0, batch, q_heads, q_heads, head_dim, 4)
+    return layer_comm(get_spec(backend), shape, c=c, link=link, fwd_attention_s=0.0,
+                      attention=_attention_cfg(backend))[0]
 
 
 # ----------------------------------------------------------------- a step
@@ -366,8 +296,8 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     forward and back during the backward, exposed where they take longer than that compute."""
     from longtrain.memory.planner import Policy, Shape, activation_bytes, recompute_cost
     from longtrain.model.llama import ModelShape
-    from longtrain.observability.flops import (layer_attention_forward, layer_attention_kinds,
-                                               step_flops)
+    from longtrain.attention.plan import plan_layers
+    from longtrain.observability.flops import step_flops
 
     m, p = cfg.model, cfg.parallel
     tp, c, world = p.tp, p.cp, p.world_size
@@ -389,29 +319,16 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     attention_s = 0.0
     cp_link, tp_link = cluster.link(tp * c), cluster.link(tp)
     shape = AttentionShape(t_len, b, m.num_heads // tp, max(1, m.num_kv_heads // tp), d, elt)
-    pattern = None
     cp_s, ring_hidden = 0.0, None
-    backend = cfg.attention.backend
-    for kind in layer_attention_kinds(cfg):
-        if kind == "linear":
-            fwd = layer_attention_forward(kind, t=t_len, heads=m.num_heads, head_dim=d) * b
-            attention_s += 3 * fwd / (tp * c) / (peak * linear_eff(cluster))
-            cp_s += linear_comm(backend if backend in ("lasp1", "lasp2") else "lasp2",
-                                q_heads=shape.q_heads, head_dim=d, batch=b, c=c, link=cp_link)
-            continue
-        if kind == "s2" and pattern is None:
-            from longtrain.attention.s2 import s2_pattern
-
-            pattern = s2_pattern(cfg.attention.s2, m.num_heads)
-        softmax_backend = (cfg.attention.softmax if backend in ("lasp1", "lasp2")
-                           else "ring" if backend == "s2" and kind == "softmax" else backend)
-        fwd = layer_attention_forward(kind, t=t_len, heads=m.num_heads, head_dim=d,
-                                      pattern=pattern) * b / (tp * c)
-        fwd_s = fwd * masked_factor(softmax_backend, t_len, c) / (peak * cluster.attn_eff)
+    for layer in plan_layers(cfg.attention, m):
+        spec = layer.spec
+        fwd = spec.forward_flops(t=t_len, heads=m.num_heads, head_dim=d,
+                                 attention=cfg.attention) * b / (tp * c)
+        eff = linear_eff(cluster) if layer.kind == "linear" else cluster.attn_eff
+        fwd_s = fwd * spec.compute_factor(t_len, c) / (peak * eff)
         attention_s += 3 * fwd_s
-        exposed, detail = attention_comm(softmax_backend, shape, c=c, link=cp_link,
-                                         fwd_attention_s=fwd_s,
-                                         ulysses_degree=cfg.attention.ulysses_degree)
+        exposed, detail = layer_comm(spec, shape, c=c, link=cp_link, fwd_attention_s=fwd_s,
+                                     attention=cfg.attention)
         cp_s += exposed
         if detail is not None:
             ring_hidden = detail.hidden if ring_hidden is None else ring_hidden and detail.hidden
@@ -450,10 +367,10 @@ def _divisors(n: int) -> list[int]:
 def candidate_configs(cfg: Any, cluster: Cluster) -> list[Any]:
     """The run config with every (tp, cp, attention backend) for the same world size: tp
     within a node, backends that fit the model (lasp2 for linear models)."""
-    from longtrain.attention.linear import LINEAR_BACKENDS
+    from longtrain.attention.plan import is_linear_backend
 
     world = cfg.parallel.world_size
-    linear = cfg.attention.backend in LINEAR_BACKENDS
+    linear = is_linear_backend(cfg.attention.backend)
     out = []
     for tp in _divisors(world):
         if tp > cluster.devices_per_node:

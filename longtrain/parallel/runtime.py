@@ -81,6 +81,10 @@ def init_parallel(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    # DeepSpeed (ZeRO, Ulysses) takes this process's device from LOCAL_RANK, which torch's and
+    # DeepSpeed's launchers set and ours (Ray workers, spawned tests) do not: set it where the
+    # process's device is chosen
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0 if device.type == "cuda" else 0))
     dist.init_process_group(
         backend,
         init_method=init_method,

@@ -47,6 +47,8 @@ class _Where:
     since: float = 0.0
 
 
+# Process-wide on purpose: one loop per process, written by autograd hooks on the engine's
+# thread and by collectives deep in the attention code; the failure is described from it.
 _where = _Where()
 # names of the modules whose forward is running (innermost last)
 _stack: list[str] = []

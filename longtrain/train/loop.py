@@ -14,7 +14,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from longtrain.attention.base import AttentionContext, model_attention
+from longtrain.attention.plan import cp_group_sizes, model_attention
+from longtrain.attention.types import AttentionContext
 from longtrain.config.schema import RunConfig
 from longtrain.data.loader import check_resume, data_state, iterate, prefetched
 from longtrain.model.llama import LlamaModel
@@ -47,7 +48,8 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = Tru
                        dtype=param_dtype(cfg.train.precision), device=runtime.device)
     from longtrain.memory import store_for
 
-    model.set_memory(store_for(cfg.memory, model.parameters()), cfg.memory.checkpointing)
+    model.set_memory(store_for(cfg.memory, model.parameters(), kernels=cfg.train.kernels),
+                     cfg.memory.checkpointing)
     if not weights:
         return model
     if cfg.init_from:
@@ -60,10 +62,11 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = Tru
     return model
 
 
-def attention_context(runtime: ParallelRuntime) -> AttentionContext:
+def attention_context(runtime: ParallelRuntime, *, kernels: str = "auto") -> AttentionContext:
+    """This rank's place in the CP groups and the kernels setting (`train.kernels`)."""
     return AttentionContext(cp_group=runtime.cp_group, cp_size=runtime.dims.cp,
                             cp_rank=runtime.cp_rank, ulysses_group=runtime.ulysses_group,
-                            ring_group=runtime.ring_group)
+                            ring_group=runtime.ring_group, kernels=kernels)
 
 
 @dataclass
@@ -136,13 +139,9 @@ def _enter_stage(cfg: RunConfig, state: TrainState, stage: Stage) -> RunConfig:
     """The stage's config; rebuilds the mesh when the stage changes the CP degree."""
     scfg = stage_config(cfg, stage)
     if stage.cp != state.runtime.dims.cp:
-        from longtrain.attention.ulysses import hierarchical_cp_sizes
-
         dims = ParallelDims.from_config(scfg.parallel)
         state.runtime = remesh(state.runtime, dims, timeout_s=cfg.parallel.timeout_s,
-                               cp_sizes=hierarchical_cp_sizes(cfg.attention.backend,
-                                                              cfg.attention.ulysses_degree,
-                                                              stage.cp))
+                               cp_sizes=cp_group_sizes(cfg.attention, stage.cp))
     if len(stages(cfg)) > 1:
         get_logger().info("stage %d: steps %d-%d at seq_len %d (%s)", stage.index,
                           stage.first_step + 1, stage.end_step, stage.seq_len,
@@ -228,7 +227,7 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
           ) -> dict[str, Any]:
     """One optimizer step (all micro-batches); returns its metrics (identical on every rank)."""
     runtime, model, optimizer = state.runtime, state.model, state.optimizer
-    ctx = attention_context(runtime)
+    ctx = attention_context(runtime, kernels=cfg.train.kernels)
     observer.start_step()
     t0 = time.perf_counter()
     micro = [mb.to(runtime.device) for mb in next(data)]

@@ -18,7 +18,6 @@ same attributes the plain Optimizer has, and writes them back into the shards af
 from __future__ import annotations
 
 import contextlib
-import os
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -77,10 +76,7 @@ class ZeroOptimizer:
         ensure_deepspeed_comm()
         import deepspeed
 
-        # the engine picks its device from LOCAL_RANK (set by DeepSpeed's and torch's launchers,
-        # not by ours): the index of this rank's device among the visible ones
-        device = runtime.device
-        os.environ.setdefault("LOCAL_RANK", str(device.index or 0 if device.type == "cuda" else 0))
+        # the engine picks its device from LOCAL_RANK, which init_parallel published
         self.cfg, self.total_steps, self.runtime = cfg, total_steps, runtime
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mixed = any(p.dtype != torch.float32 for p in self.params)

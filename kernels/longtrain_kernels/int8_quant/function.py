@@ -2,7 +2,7 @@
 
 Legend: N = numel of the unquantized tensor, G group_size, NG = ceil(N / G) groups. Two
 backends give bit-identical results: "torch" (torch_path.py, any device) and "triton"
-(launch.py, CUDA, or CPU tensors under TRITON_INTERPRET=1). Both compute in float32: x is
+(launch.py, CUDA, or CPU tensors under Triton's interpreter). Both compute in float32: x is
 cast to float32 (exact for fp16/bf16/fp32), scale = fl32(absmax / 127), q = round-half-to-
 even(fl32(x / scale)) clamped to [-127, 127]; dequantization is fl32(q * scale) cast to the
 output dtype. Not differentiable (inputs are detached).
@@ -10,20 +10,17 @@ output dtype. Not differentiable (inputs are detached).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import operator
-import os
 
 import torch
 
-from longtrain_kernels._function_common import FLOAT_DTYPES, available
+from longtrain_kernels._function_common import FLOAT_DTYPES, available, resolve_kernels
 from longtrain_kernels.int8_quant import launch, torch_path
 
 __all__ = ["available", "dequantize", "quantize"]
 
 MIN_GROUP_SIZE, MAX_GROUP_SIZE = 16, 4096
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _check_group_size(group_size: int) -> None:
@@ -32,23 +29,6 @@ def _check_group_size(group_size: int) -> None:
             or group_size & (group_size - 1)):
         raise ValueError(f"group_size={group_size!r} must be a power of two between "
                          f"{MIN_GROUP_SIZE} and {MAX_GROUP_SIZE}")
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend ("torch" or "triton") that runs for tensors on x's device (see
-    `quantize`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
-    has_triton = importlib.util.find_spec("triton") is not None
-    if backend == "auto":
-        return "triton" if has_triton and x.is_cuda else "torch"
-    if backend == "triton":
-        if not has_triton:
-            raise ValueError("backend='triton' needs triton, which is not importable")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend='triton' needs CUDA tensors (got device {x.device}) "
-                             "unless TRITON_INTERPRET=1 is set")
-    return backend
 
 
 def _check_quantize(x: torch.Tensor, group_size: int) -> None:
@@ -106,11 +86,12 @@ def quantize(x: torch.Tensor, group_size: int, *,
 
     group_size: a power of two in [16, 4096]. backend: "auto" runs the Triton kernel on CUDA
     tensors when triton is importable and the PyTorch path otherwise; "triton" forces the
-    kernel (CPU tensors only under TRITON_INTERPRET=1); "torch" the PyTorch path.
+    kernel (CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1); "torch" the
+    PyTorch path.
     """
     _check_quantize(x, group_size)
     x = x.detach()
-    if _resolve_backend(backend, x) == "triton":
+    if resolve_kernels(backend, x) == "triton":
         return launch.quantize_triton(x, group_size)
     return torch_path.quantize_torch(x, group_size)
 
@@ -125,7 +106,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, *, shape: torch.Size | tupl
     """
     dims = _check_dequantize(q, scale, shape, dtype, group_size)
     q, scale = q.detach().contiguous(), scale.detach().contiguous()
-    if _resolve_backend(backend, q) == "triton":
+    if resolve_kernels(backend, q) == "triton":
         return launch.dequantize_triton(q, scale, shape=dims, dtype=dtype,
                                         group_size=group_size)
     return torch_path.dequantize_torch(q, scale, shape=dims, dtype=dtype,

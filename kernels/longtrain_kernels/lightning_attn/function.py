@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from longtrain_kernels._function_common import (DOC_DTYPES, FLOAT_DTYPES, Backend,
-                                                available)
+                                                available, resolve_kernels)
 from longtrain_kernels.lightning_attn import blocked, launch
 
 _BACKENDS: dict[str, Backend] = {
@@ -114,16 +114,14 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     backend: "auto" takes the Triton kernels for CUDA tensors they support (fp16/bf16/fp32,
     Dk, Dv in {16, 32, 64, 128}) and the blocked PyTorch path otherwise; "triton" forces the
-    kernels (on CPU that needs TRITON_INTERPRET=1); "torch" forces the PyTorch path.
+    kernels (on CPU that needs Triton's interpreter, TRITON_INTERPRET=1); "torch" forces the
+    PyTorch path.
     block_size: the sequence block (default 64; a power of two >= 16 for Triton).
     """
     _check(q, k, v, log_decay, doc_ids, block_size)
-    if backend == "auto":
-        use_triton = q.is_cuda and available() and launch.supports(q, k, v)
-        backend = "triton" if use_triton else "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r} must be 'auto' or one of {sorted(_BACKENDS)}")
-    return _apply(q, k, v, log_decay, doc_ids, block_size, backend)
+    supported = backend == "auto" and q.is_cuda and launch.supports(q, k, v)
+    return _apply(q, k, v, log_decay, doc_ids, block_size,
+                  resolve_kernels(backend, q, supported=supported))
 
 
 def lightning_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from longtrain_kernels._function_common import (DOC_DTYPES, FLOAT_DTYPES, Backend,
-                                                available)
+                                                available, resolve_kernels)
 from longtrain_kernels.s2_attn import blocked, launch
 from longtrain_kernels.s2_attn.pattern import S2Pattern
 
@@ -68,17 +68,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
-    if backend == "auto":
-        use_triton = q.is_cuda and available() and launch.triton_supports(q)
-        return "triton" if use_triton else "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r} must be one of {['auto', *_BACKENDS]}")
+    supported = backend == "auto" and q.is_cuda and launch.triton_supports(q)
+    name = resolve_kernels(backend, q, supported=supported)
     if backend == "triton":
-        if not available():
-            raise ValueError("backend='triton' needs triton and a CUDA device (or "
-                             "TRITON_INTERPRET=1)")
         launch.check_triton_args(q)
-    return backend
+    return name
 
 
 class S2AttentionFunction(torch.autograd.Function):
