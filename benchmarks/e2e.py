@@ -47,7 +47,7 @@ METHOD = """\
   optimizer step done, all ranks in lockstep); the table shows the median over the measured
   steps after the warm-up steps (first-call costs: allocator, gloo buffers, kernel choice).
   tokens/s = global tokens per step / step time.
-- **MFU**: model FLOPs per step (`longtrain.observability.flops.step_flops`: the projections,
+- **MFU**: model FLOPs per step (`longtrain.model.flops.step_flops`: the projections,
   SwiGLU, LM head, and causal attention counted as T(T+1)/2 query-key pairs per head;
   fwd+bwd = 3x forward; recomputation not counted) / step time / the sum over ranks of each
   rank's **GEMM peak measured in the same run**: a square 1024 GEMM in the training dtype,

@@ -18,7 +18,7 @@ from longtrain.attention.table import TABLE, attention_names, register_backend
 from longtrain.attention.types import BackendSpec
 from longtrain.config.preflight import attention_lines
 from longtrain.config.schema import RunConfig
-from longtrain.observability.flops import step_flops
+from longtrain.model.flops import step_flops
 from longtrain.parallel.costmodel import cluster_from_config, predict
 
 TOY_FLOPS = 1.0e9

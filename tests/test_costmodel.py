@@ -147,7 +147,7 @@ def test_more_cp_lowers_compute_per_rank_and_mfu_is_consistent():
     c4 = cm.predict(_cfg(parallel__tp=8, parallel__cp=4, parallel__world_size=32,
                          cluster__nodes=4), replace(h100, nodes=4))
     assert b.compute_s == pytest.approx(c4.compute_s / 2, rel=1e-6)
-    from longtrain.observability.flops import step_flops
+    from longtrain.model.flops import step_flops
 
     assert b.mfu == pytest.approx(step_flops(_cfg()).total / b.step_s / (64 * 989e12))
     assert b.step_s == pytest.approx(b.compute_s + sum(b.comm_s.values()))

@@ -51,9 +51,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ("longtrain.parallel", "longtrain.attention"),
     ("longtrain.parallel", "longtrain.memory"),
     ("longtrain.parallel", "longtrain.model"),
-    # step_flops reads the layer plan; the FLOP formulas the backends use stay below
-    ("longtrain.observability", "longtrain.attention"),
-    ("longtrain.observability", "longtrain.model"),
 }
 # each cycle as the sorted tuple of the packages in one strongly connected component
 KNOWN_CYCLES: set[tuple[str, ...]] = {

@@ -63,7 +63,8 @@ def _matmul_weights(model) -> int:
 
 def _flops_worker(runtime, out_path: str) -> None:
     from longtrain.config.schema import RunConfig
-    from longtrain.observability.flops import layer_attention_forward, step_flops
+    from longtrain.model.flops import step_flops
+    from longtrain.observability.flops import layer_attention_forward
     from longtrain.train.loop import build_model
 
     rows = []
@@ -178,7 +179,7 @@ def test_comm_timer_counts_blocked_time_per_group(tmp_path):
 def _train_worker(runtime, out_path: str) -> None:
     from longtrain.config.schema import RunConfig
     from longtrain.config.validate import validate
-    from longtrain.observability.flops import step_flops
+    from longtrain.model.flops import step_flops
     from longtrain.train.loop import train
 
     cfg = RunConfig()

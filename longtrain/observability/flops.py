@@ -1,5 +1,6 @@
-"""Model FLOPs of one training step, for MFU: the matmuls of every layer plus the attention
-each layer's family really computes, causal-correct.
+"""FLOP formulas for MFU: the matmuls of every layer plus the attention each layer's family
+really computes, causal-correct. A whole step's count, which reads the layer plan, is
+`longtrain.model.flops.step_flops`; the backends use the per-layer formulas here.
 
 Legend: T sequence length, h hidden size, I MLP width, V vocabulary, Hq / Hkv query / key-value
 heads, D head dim. A multiply-add is 2 FLOPs; the backward counts twice the forward (so a step
@@ -22,23 +23,10 @@ Attention per sequence and layer, forward (Q K^T and P V: 4 D per (query, key) p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 # kernels/longtrain_kernels/lightning_attn's block (the chunk of its masked quadratic form)
 LIGHTNING_BLOCK = 64
-
-
-@dataclass(frozen=True)
-class StepFlops:
-    """FLOPs of one optimizer step over the whole world (all sequences of the global batch)."""
-
-    matmul: float
-    attention: float
-
-    @property
-    def total(self) -> float:
-        return self.matmul + self.attention
 
 
 def causal_pairs(t: int) -> int:
@@ -84,26 +72,3 @@ def layer_attention_forward(kind: str, *, t: int, heads: int, head_dim: int,
     if kind == "linear":
         return heads * (4.0 * d * linear_pairs(t) + 4.0 * d * d * t)
     raise ValueError(f"unknown attention kind {kind!r} (softmax | s2 | linear)")
-
-
-def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = None
-               ) -> StepFlops:
-    """FLOPs of one optimizer step of the run config (`data.batch_size` sequences of
-    `data.seq_len` tokens unless given), forward + backward."""
-    from longtrain.attention.plan import plan_layers
-    from longtrain.model.llama import ModelShape
-
-    m = cfg.model
-    t = seq_len or cfg.data.seq_len
-    n_seq = sequences or cfg.data.batch_size
-    d = ModelShape(m, 1).head_dim
-    h, hq, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
-    per_token = 2.0 * h * m.vocab_size
-    attention = 0.0
-    for layer in plan_layers(cfg.attention, m):
-        per_token += 2.0 * h * (hq + 2 * hkv) * d + 2.0 * hq * d * h + 6.0 * h * m.intermediate_size
-        if layer.kind == "linear":
-            # the linear layer's output gate
-            per_token += 2.0 * h * hq * d
-        attention += layer.spec.forward_flops(t=t, heads=hq, head_dim=d, attention=cfg.attention)
-    return StepFlops(matmul=3.0 * per_token * t * n_seq, attention=3.0 * attention * n_seq)

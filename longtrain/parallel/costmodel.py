@@ -297,7 +297,7 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     from longtrain.memory.planner import Policy, Shape, activation_bytes, recompute_cost
     from longtrain.model.llama import ModelShape
     from longtrain.attention.plan import plan_layers
-    from longtrain.observability.flops import step_flops
+    from longtrain.model.flops import step_flops
 
     m, p = cfg.model, cfg.parallel
     tp, c, world = p.tp, p.cp, p.world_size

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longtrain.observability.flops import step_flops
+from longtrain.model.flops import step_flops
 from longtrain.observability.resources import (PeakMemory, device_capacity_bytes,
                                                measure_gemm_tflops)
 from longtrain.parallel.commtime import CommTimer
