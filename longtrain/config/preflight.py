@@ -93,8 +93,7 @@ def describe_init_and_rope(cfg: Any) -> str:
         init = "init from scratch"
     else:
         try:
-            kind = {"native": "native checkpoint", "hf": "Hugging Face"}.get(
-                source_kind(str(source)), source_kind(str(source)))
+            kind = {"native": "native checkpoint", "hf": "Hugging Face"}[source_kind(str(source))]
         except (OSError, ValueError):
             kind = "unreadable"
         init = f"init from {source} ({kind})"
