@@ -1,4 +1,4 @@
-"""The cost model (longtrain.parallel.costmodel) fitted to this machine, checked against
+"""The cost model (longtrain.planning.costmodel) fitted to this machine, checked against
 collectives and CP=2 attention measured in the same run, then used to predict step times and
 recommend a layout on a described cluster.
 
@@ -40,7 +40,7 @@ LAYOUTS = ((8, 8, "ring"), (8, 8, "ulysses"), (8, 8, "allgather"), (4, 16, "ring
            (1, 8, "ring"), (2, 4, "ulysses"), (2, 4, "ring"))
 
 METHOD = """\
-- **Model** (`longtrain/parallel/costmodel.py`, whose docstring has the equations): step time
+- **Model** (`longtrain/planning/costmodel.py`, whose docstring has the equations): step time
   = compute + exposed communication. Compute = a rank's matmul FLOPs / (peak x GEMM
   efficiency) + its attention FLOPs / (peak x attention efficiency; linear layers: the linear
   attention efficiency), FLOPs from `longtrain.observability.flops` (zigzag gives each CP rank
@@ -74,8 +74,8 @@ METHOD = """\
 - **Prediction**: the cluster preset (`cluster=` group), the 8B model (`model=8b`, bf16,
   batch 8 sequences) at each length: the listed layouts and the recommended ones
   (`costmodel.recommend`: every tp within a node dividing the heads, every cp and CP backend
-  `longtrain.config.validate` accepts, under the memory policy that fits 80 GiB
-  (`longtrain.memory.planner`) and is fastest), fastest first; `longtrain-train --check
+  `longtrain.planning.validate` accepts, under the memory policy that fits 80 GiB
+  (`longtrain.memory.estimate`) and is fastest), fastest first; `longtrain-train --check
   cluster=...` prints the same for a run.
 """
 
@@ -176,7 +176,7 @@ def _collective(op: str, n: int) -> Callable[[], None]:
 def _rate(lengths: list[int], reps: int, step: Callable[[int], Callable[[], None]],
           flops: Callable[[int], float]) -> float:
     """TFLOP/s of `step(n)` (fwd+bwd) on this thread, least squares over the lengths."""
-    from longtrain.parallel.costmodel import fit_line
+    from longtrain.planning.cluster import fit_line
 
     samples = []
     for n in lengths:
@@ -265,7 +265,7 @@ def _worker(runtime: Any, sizes: list[int], lengths: list[int], reps: int, path:
 def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
     """(latency s, GB/s) by least squares of time = latency + bytes / bandwidth, weighted by
     1 / time^2 (relative errors)."""
-    from longtrain.parallel.costmodel import fit_line
+    from longtrain.planning.cluster import fit_line
 
     latency, per_byte = fit_line([float(n) for n, _ in samples], [t for _, t in samples],
                                  weights=[1.0 / t ** 2 for _, t in samples])
@@ -274,7 +274,8 @@ def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
 
 def local_cluster(fit: Fit) -> Any:
     """The fitted machine as a Cluster (what the `cpu-local` preset records)."""
-    from longtrain.parallel.costmodel import PRESETS, Link
+    from longtrain.parallel.collective_cost import Link
+    from longtrain.planning.cluster import PRESETS
 
     link = Link(fit.gbytes_per_s, fit.latency_s)
     base = PRESETS["cpu-local"]
@@ -286,7 +287,8 @@ def local_cluster(fit: Fit) -> Any:
 
 
 def check_rows(got: dict[str, Any], fit: Fit) -> list[Check]:
-    from longtrain.parallel.costmodel import AttentionShape, attention_op, linear_op
+    from longtrain.parallel.collective_cost import AttentionShape
+    from longtrain.planning.costmodel import attention_op, linear_op
 
     cluster = local_cluster(fit)
     out = []
@@ -302,7 +304,7 @@ def check_rows(got: dict[str, Any], fit: Fit) -> list[Check]:
 
 
 def collective_rows(got: dict[str, Any], fit: Fit) -> list[CollectiveCheck]:
-    from longtrain.parallel.costmodel import Link, all_gather, all_to_all
+    from longtrain.parallel.collective_cost import Link, all_gather, all_to_all
 
     link = Link(fit.gbytes_per_s, fit.latency_s)
     model = {"all_gather": all_gather, "all_to_all": all_to_all}
@@ -312,7 +314,8 @@ def collective_rows(got: dict[str, Any], fit: Fit) -> list[CollectiveCheck]:
 
 def _layout_row(cand: Any, model: str, length: int, cluster: Any, why: Optional[str]
                 ) -> LayoutRow:
-    from longtrain.parallel.costmodel import describe_layout, fastest_fitting, layout_overrides
+    from longtrain.planning.costmodel import describe_layout, layout_overrides
+    from longtrain.planning.search import fastest_fitting
 
     row = LayoutRow(model, length, describe_layout(cand), layout_overrides(cand), why=why)
     if why is not None:
@@ -334,8 +337,9 @@ def cluster_rows(cluster_name: str, workloads: list[tuple[str, int, int]]) -> li
     the layouts that cannot run last."""
     import copy
 
-    from longtrain.config.validate import problems
-    from longtrain.parallel.costmodel import PRESETS, recommend
+    from longtrain.planning.validate import problems
+    from longtrain.planning.cluster import PRESETS
+    from longtrain.planning.search import recommend
 
     cluster = PRESETS[cluster_name]
     out = []
@@ -364,7 +368,7 @@ def cluster_rows(cluster_name: str, workloads: list[tuple[str, int, int]]) -> li
 
 
 def fit_table(fit: Fit) -> str:
-    from longtrain.parallel.costmodel import Link
+    from longtrain.parallel.collective_cost import Link
 
     lines = ["| fitted | value |", "|---|---|",
              f"| link latency (ring hop, gloo) | {fit.latency_s * 1e6:.0f} us |",
@@ -381,7 +385,7 @@ def fit_table(fit: Fit) -> str:
 
 
 def preset_line(fit: Fit) -> str:
-    """The fit as longtrain.parallel.costmodel.CPU_FIT (the cpu-local preset)."""
+    """The fit as longtrain.planning.costmodel.CPU_FIT (the cpu-local preset)."""
     return (f'CPU_FIT = {{"peak_tflops": {fit.gemm_tflops:.3g}, "attn_eff": '
             f'{fit.attn_tflops / fit.gemm_tflops:.2f}, "linear_eff": '
             f'{fit.linear_tflops / fit.gemm_tflops:.2f}, "gbytes_per_s": '
@@ -453,7 +457,7 @@ def verdict(checks: list[Check], collectives: list[CollectiveCheck], rows: list[
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    from longtrain.parallel.costmodel import PRESETS
+    from longtrain.planning.cluster import PRESETS
 
     p = argument_parser(__doc__, METHOD)
     p.add_argument("--cluster", default="h100-8x8-ib400",

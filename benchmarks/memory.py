@@ -1,6 +1,6 @@
 """Memory policies side by side (none, int8, selective, full and their int8 combinations) at
 CP=1 and CP=2: one training fwd+bwd's saved activation bytes, peak memory and step time per
-rank vs sequence length, next to the activation-memory model (longtrain.memory.planner), and
+rank vs sequence length, next to the activation-memory model (longtrain.memory.estimate), and
 the longest sequence each policy fits in a memory budget; prints tables and writes a section
 of BENCHMARKS.md.
 
@@ -57,12 +57,12 @@ METHOD = """\
   once (`build_model`, seeded weights; `MODEL` in benchmarks/memory.py: 4 layers, hidden 256,
   8 heads of 32 with 4 K/V heads, SwiGLU 768, vocabulary 256, fp32) and one
   `ActivationStore` per policy (`store_for(memory)`); a policy's step switches the model to it
-  (`model.set_memory(store, checkpointing)`), runs `model(tokens, positions, seq_len=T)` on
+  (`apply_memory_policy(model, store, checkpointing)`), runs `model(tokens, positions, seq_len=T)` on
   seeded random tokens (this rank's zigzag shard, `split_for_cp`), then
   `token_loss_sum(logits, labels).backward()`, and drops the gradients (set to None, as the
   trainer's `zero_grad`). No optimizer step. *CP=1* = 1 process x 2 threads (every core),
   attention `dense` (torch SDPA); *CP=2* = 2 gloo processes x 1 thread, attention `ring`.
-- **Saved MiB/rank** = `model.store.stats.device_bytes` after the forward: the bytes of every
+- **Saved MiB/rank** = `store.stats.device_bytes` after the forward: the bytes of every
   tensor the forward saved for the backward, as stored (int8 values plus float32 scales, or
   the tensor's whole storage when kept as is; each storage once); exact and deterministic,
   largest rank. *model* = the planner's prediction for the same shape and policy,
@@ -139,7 +139,7 @@ class Check:
 
 
 def policy_name(activations: str, checkpointing: str) -> str:
-    from longtrain.memory.planner import Policy
+    from longtrain.memory.estimate import Policy
 
     return Policy(activations, checkpointing).name
 
@@ -163,7 +163,7 @@ def make_config(length: int, cp: int, policy: tuple[str, str] = ("none", "none")
 def predicted(length: int, cp: int, policy: tuple[str, str]) -> dict[str, float]:
     """The planner's per-rank bytes: 'saved' (layers + final), 'activations' (their total),
     'grads' and 'static' (parameters, gradients, AdamW state)."""
-    from longtrain.memory.planner import Policy, Shape, activation_bytes, static_bytes
+    from longtrain.memory.estimate import Policy, Shape, activation_bytes, static_bytes
 
     shape = Shape.of(make_config(length, cp, policy))
     act = activation_bytes(shape, Policy(*policy))
@@ -228,6 +228,7 @@ def _inputs(runtime: Any, length: int) -> tuple[torch.Tensor, ...]:
 def _steps(runtime: Any, model: Any, stores: dict[str, Any], length: int,
            saved: dict[str, int]) -> dict[str, Callable[[], None]]:
     """A fwd+bwd callable per policy at `length`; each records its saved bytes in `saved`."""
+    from longtrain.memory.apply import apply_memory_policy
     from longtrain.train.loop import attention_context
     from longtrain.train.loss import token_loss_sum
 
@@ -237,7 +238,7 @@ def _steps(runtime: Any, model: Any, stores: dict[str, Any], length: int,
 
     def step_of(name: str, store: Any, checkpointing: str) -> Callable[[], None]:
         def step() -> None:
-            model.set_memory(store, checkpointing)
+            apply_memory_policy(model, store, checkpointing)
             logits = model(tokens, positions_bt=positions, seq_len=length, ctx=ctx)
             saved[name] = store.stats.device_bytes
             token_loss_sum(logits, labels).backward()

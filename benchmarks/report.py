@@ -35,7 +35,7 @@ def compose_config(overrides: list[str]) -> Any:
     pre-flight validation: a bad override raises naming it)."""
     from hydra import compose, initialize_config_module
 
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain_launch.store import register_configs, to_run_config
 
     register_configs()

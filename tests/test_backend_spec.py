@@ -16,10 +16,11 @@ from longtrain.attention.dense import dense_attention
 from longtrain.attention.plan import plan_layers
 from longtrain.attention.table import TABLE, attention_names, register_backend
 from longtrain.attention.types import BackendSpec
-from longtrain.config.preflight import attention_lines
+from longtrain.planning.preflight import attention_lines
 from longtrain.config.schema import RunConfig
 from longtrain.model.flops import step_flops
-from longtrain.parallel.costmodel import cluster_from_config, predict
+from longtrain.planning.cluster import cluster_from_config
+from longtrain.planning.costmodel import predict
 
 TOY_FLOPS = 1.0e9
 TOY_COMM_S = 0.25
@@ -81,7 +82,7 @@ def test_a_toy_backend_appears_in_check_flops_and_cost_model(toy: BackendSpec) -
     dense = step_flops(_cfg("dense"))
     assert flops.matmul == dense.matmul
 
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     assert "attention.backend='toy' is only a test" in problems(cfg)
 

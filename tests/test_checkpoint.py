@@ -156,7 +156,7 @@ def test_damaged_missing_and_foreign_checkpoints_are_refused(interrupted, tmp_pa
 
 def _our_logits(rt, source: str, tokens_bt: torch.Tensor, out_path: str) -> None:
     """Logits of a model whose weights come from `source` (init.from), in this layout."""
-    from longtrain.checkpoint.hf import apply_init_from
+    from longtrain.planning.resolve import apply_init_from
     from longtrain.config.schema import RunConfig
     from longtrain.model.sharding import gather_vocab_logits
     from longtrain.train.loop import build_model
@@ -202,7 +202,7 @@ def test_export_from_a_sharded_checkpoint_reproduces_its_logits_in_transformers(
     assert {t.dtype for t in load_file(f"{tmp_path}/bf16/model.safetensors").values()} == {torch.bfloat16}
     # a weights-only checkpoint is refused for resuming (no optimizer state) before any worker
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     cfg = RunConfig()
     cfg.checkpoint.resume = native_dir
@@ -227,7 +227,7 @@ def test_export_command_refuses_bad_arguments_naming_them(interrupted, tmp_path,
 def _failing_save(rt, out: str) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from longtrain.checkpoint.native import save_train_state
+    from longtrain.train.state import save_train_state
     from longtrain.train.loop import TrainState, checkpoint_meta
 
     cfg = _cfg(1, 1, 1, out)

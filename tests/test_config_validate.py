@@ -10,7 +10,7 @@ import pytest
 
 from longtrain.config.errors import ConfigError
 from longtrain.config.schema import RunConfig
-from longtrain.config.validate import problems, validate
+from longtrain.planning.validate import problems, validate
 from longtrain.parallel.dims import ParallelDims
 
 

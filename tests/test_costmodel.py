@@ -1,4 +1,4 @@
-"""The cost model (longtrain.parallel.costmodel): its equations on hand-computed cases, the fit,
+"""The cost model (longtrain.planning.costmodel): its equations on hand-computed cases, the fit,
 the layout recommendation and the `--check` report (no timing of real hardware here: the fit is
 checked against measurements in BENCHMARKS.md)."""
 
@@ -12,9 +12,11 @@ from dataclasses import replace
 import pytest
 
 from longtrain.config.schema import RunConfig
-from longtrain.parallel import costmodel as cm
+from longtrain.parallel import collective_cost
+from longtrain.planning import cluster, search
+from longtrain.planning import costmodel as cm
 
-LINK = cm.Link(gbytes_per_s=1.0, latency_s=1e-3)
+LINK = collective_cost.Link(gbytes_per_s=1.0, latency_s=1e-3)
 
 
 def _cfg(**over) -> RunConfig:
@@ -38,40 +40,40 @@ def test_fit_line_recovers_latency_and_bandwidth():
     sizes = [2.0 ** k for k in range(12, 26, 2)]
     latency, bandwidth = 37e-6, 2.5e9
     times = [latency + n / bandwidth * (1 + rng.uniform(-0.01, 0.01)) for n in sizes]
-    a, b = cm.fit_line(sizes, times)
+    a, b = cluster.fit_line(sizes, times)
     assert a == pytest.approx(latency, rel=0.2)
     assert 1 / b == pytest.approx(bandwidth, rel=0.02)
     with pytest.raises(ValueError, match="2 distinct"):
-        cm.fit_line([1.0, 1.0], [1.0, 2.0])
+        cluster.fit_line([1.0, 1.0], [1.0, 2.0])
     # relative noise over sizes spanning decades: weights 1 / t^2 recover the latency that the
     # large messages drown in the unweighted fit
     times = [latency + n / bandwidth * (1 + rng.uniform(-0.05, 0.05)) for n in sizes]
-    a, b = cm.fit_line(sizes, times, weights=[1 / t ** 2 for t in times])
+    a, b = cluster.fit_line(sizes, times, weights=[1 / t ** 2 for t in times])
     assert a == pytest.approx(latency, rel=0.05)
     assert 1 / b == pytest.approx(bandwidth, rel=0.1)
 
 
 def test_collectives_follow_the_ring_formulas():
     n = 8e6
-    assert cm.p2p(n, LINK) == pytest.approx(1e-3 + 8e-3)
-    assert cm.all_reduce(n, 4, LINK) == pytest.approx(6 * (1e-3 + 2e-3))
-    assert cm.all_gather(n, 4, LINK) == pytest.approx(3 * (1e-3 + 8e-3))
-    assert cm.all_to_all(n, 4, LINK) == pytest.approx(3 * (1e-3 + 2e-3))
-    assert cm.all_reduce(n, 1, LINK) == cm.all_to_all(n, 1, LINK) == 0.0
+    assert collective_cost.p2p(n, LINK) == pytest.approx(1e-3 + 8e-3)
+    assert collective_cost.all_reduce(n, 4, LINK) == pytest.approx(6 * (1e-3 + 2e-3))
+    assert collective_cost.all_gather(n, 4, LINK) == pytest.approx(3 * (1e-3 + 8e-3))
+    assert collective_cost.all_to_all(n, 4, LINK) == pytest.approx(3 * (1e-3 + 2e-3))
+    assert collective_cost.all_reduce(n, 1, LINK) == collective_cost.all_to_all(n, 1, LINK) == 0.0
 
 
 def test_ring_hides_behind_compute_and_exposes_only_the_excess():
     kv, acc, c = 4e6, 8e6, 4
-    hop = cm.p2p(kv, LINK)  # 1 ms + 4 ms = 5 ms
-    dkv = cm.p2p(acc, LINK)  # 1 ms + 8 ms = 9 ms
+    hop = collective_cost.p2p(kv, LINK)  # 1 ms + 4 ms = 5 ms
+    dkv = collective_cost.p2p(acc, LINK)  # 1 ms + 8 ms = 9 ms
     # a block's compute (fwd / c = 50 ms) longer than any K/V hop: the rotations cost nothing;
     # only the c dK/dV transfers, waited for before each block (ring.py), are exposed
     slow = 4 * 0.05
-    exposed, detail = cm.ring_exposed(kv, slow, c, LINK, acc)
+    exposed, detail = collective_cost.ring_exposed(kv, slow, c, LINK, acc)
     assert detail.hidden and exposed == pytest.approx(4 * 9e-3)
     # blocks of 1 ms: each of the 3 forward hops exposes 5 - 1 = 4 ms, each of the 3 backward
     # K/V hops against a 2 ms backward block 3 ms, plus the 4 dK/dV transfers of 9 ms
-    exposed, detail = cm.ring_exposed(kv, 4 * 1e-3, c, LINK, acc)
+    exposed, detail = collective_cost.ring_exposed(kv, 4 * 1e-3, c, LINK, acc)
     assert not detail.hidden and detail.hop_s == pytest.approx(hop)
     assert exposed == pytest.approx(3 * 4e-3 + 3 * 3e-3 + 4 * dkv)
 
@@ -80,29 +82,29 @@ def test_ulysses_bytes_match_the_attention_benchmark():
     from benchmarks.attention import sent_mib
 
     # 2 ranks, 8 heads x 64, T=4096, fp32: 8 all-to-alls of half a [T/2, H, D] tensor
-    shape = cm.AttentionShape(4096, 1, 8, 8, 64, 4)
-    link = cm.Link(1.0, 0.0)
+    shape = collective_cost.AttentionShape(4096, 1, 8, 8, 64, 4)
+    link = collective_cost.Link(1.0, 0.0)
     exposed, _ = cm.attention_comm("ulysses", shape, c=2, link=link, fwd_attention_s=1.0)
     sent = sent_mib("ulysses", length=4096, heads=8, head_dim=64, elt_bytes=4, cp=2)
     assert exposed * 1e9 == pytest.approx(sent * 2 ** 20)
 
 
 def test_allgather_all_reduces_full_length_grads_and_computes_every_pair():
-    shape = cm.AttentionShape(4096, 1, 8, 8, 64, 4)
-    link = cm.Link(1.0, 0.0)
+    shape = collective_cost.AttentionShape(4096, 1, 8, 8, 64, 4)
+    link = collective_cost.Link(1.0, 0.0)
     exposed, detail = cm.attention_comm("allgather", shape, c=2, link=link, fwd_attention_s=1.0)
     full = 4096 * 8 * 64 * 4  # one of K, V for the whole sequence
     # forward: K and V gathered (each rank sends its half); backward: dK and dV all-reduced
     assert detail is None
     assert exposed * 1e9 == pytest.approx(2 * full / 2 + 2 * (2 * full / 2))
-    local = cm.PRESETS["cpu-local"]
+    local = cluster.PRESETS["cpu-local"]
     ring, _, _ = cm.attention_op("ring", shape, c=2, cluster=local)
     gathered, _, _ = cm.attention_op("allgather", shape, c=2, cluster=local)
     assert gathered / ring == pytest.approx(4096 * 4096 / (4096 * 4097 / 2))
 
 
 def test_gradients_travel_in_the_parameters_dtype():
-    h100 = cm.PRESETS["h100-8x8-ib400"]
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
     bf16, fp32 = cm.predict(_cfg(), h100), cm.predict(_cfg(train__precision="fp32"), h100)
     # the same all-reduce over the same CP x DP group of 8: latency + half the bytes
     lat = 2 * 7 * h100.inter.latency_s
@@ -110,9 +112,9 @@ def test_gradients_travel_in_the_parameters_dtype():
 
 
 def test_offload_traffic_is_exposed_beyond_the_compute():
-    from longtrain.memory.planner import Policy, Shape, activation_bytes
+    from longtrain.memory.estimate import Policy, Shape, activation_bytes
 
-    h100 = cm.PRESETS["h100-8x8-ib400"]
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
     cfg = _cfg(memory__offload=True, parallel__tp=2, parallel__cp=32)
     p = cm.predict(cfg, h100)
     moved = h100.host.time(activation_bytes(Shape.of(cfg), Policy(offload=True))["layers"])
@@ -123,15 +125,15 @@ def test_offload_traffic_is_exposed_beyond_the_compute():
     assert "offload" not in cm.predict(_cfg(memory__offload=True, parallel__world_size=2,
                                             parallel__tp=1, parallel__cp=2,
                                             cluster__preset="cpu-local"),
-                                       cm.PRESETS["cpu-local"]).comm_s
+                                       cluster.PRESETS["cpu-local"]).comm_s
 
 
 def test_groups_inside_a_node_use_its_link_and_spanning_ones_the_nic():
-    h100 = cm.PRESETS["h100-8x8-ib400"]
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
     assert h100.link(8) is h100.intra and h100.link(16) is h100.inter
     # tp 8 x cp 8: the CP group spans the nodes, so its ring runs at the NIC's pace
     inside = cm.predict(_cfg(parallel__world_size=8, parallel__cp=1, attention__backend="dense",
-                             cluster__preset="h100-1x8"), cm.PRESETS["h100-1x8"])
+                             cluster__preset="h100-1x8"), cluster.PRESETS["h100-1x8"])
     assert inside.comm_s["cp"] == 0.0
     one = cm.predict(_cfg(), h100)
     faster = replace(h100, inter=replace(h100.inter, gbytes_per_s=500.0))
@@ -139,7 +141,7 @@ def test_groups_inside_a_node_use_its_link_and_spanning_ones_the_nic():
 
 
 def test_more_cp_lowers_compute_per_rank_and_mfu_is_consistent():
-    h100 = cm.PRESETS["h100-8x8-ib400"]
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
     with pytest.raises(ValueError, match="data.batch_size=1 is not a multiple of dp"):
         cm.predict(_cfg(parallel__tp=8, parallel__cp=4), h100)
     b = cm.predict(_cfg(parallel__tp=8, parallel__cp=8), h100)
@@ -154,12 +156,12 @@ def test_more_cp_lowers_compute_per_rank_and_mfu_is_consistent():
 
 
 def test_recommend_returns_valid_layouts_that_fit_fastest_first():
-    from longtrain.config.validate import problems
-    from longtrain.memory.planner import GIB, estimates
+    from longtrain.planning.validate import problems
+    from longtrain.memory.estimate import GIB, estimates
 
     cfg = _cfg()
-    h100 = cm.PRESETS["h100-8x8-ib400"]
-    best = cm.recommend(cfg, h100, top=5)
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
+    best = search.recommend(cfg, h100, top=5)
     assert len(best) >= 3
     assert [p.step_s for p in best] == sorted(p.step_s for p in best)
     for p in best:
@@ -170,13 +172,13 @@ def test_recommend_returns_valid_layouts_that_fit_fastest_first():
         assert min(e.total for e in estimates(cand, on_gpu=True)) <= 80 * GIB
         assert p.memory_gib <= 80 and int(over["parallel.tp"]) <= 8
     # every candidate that is valid and fits is ranked no faster than the first
-    for cand in cm.candidate_configs(cfg, h100):
+    for cand in search.candidate_configs(cfg, h100):
         if not problems(cand) and any(e.total <= 80 * GIB for e in estimates(cand, on_gpu=True)):
             assert cm.predict(cand, h100).step_s >= best[0].step_s * 0.999
 
 
 def test_bad_cluster_fields_are_named():
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     found = problems(_cfg(cluster__preset="dgx9000"))
     assert any("cluster.preset='dgx9000'" in p and "h100-8x8-ib400" in p for p in found)

@@ -31,7 +31,7 @@ def _run_config(*, world: int, tp: int, cp: int, backend: str, check_every: int 
 
 
 def _train_curve(runtime, backend: str, check_every: int, out_path: str) -> None:
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.train.loop import train
 
     d = runtime.dims

@@ -15,7 +15,7 @@ from data_helpers import (decode_docs, files_config, make_hf_tokenizer, meta,
                           packed_documents, random_docs, write_json, write_jsonl, write_parquet,
                           write_text_dir)
 from longtrain.config.errors import ConfigError
-from longtrain.config.validate import problems
+from longtrain.planning.validate import problems
 from longtrain.data.loader import global_batch
 from longtrain.data.prepare import prepare_data
 from longtrain.data.tokenizer import ByteTokenizer, load_tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from data_helpers import make_hf_tokenizer
 from longtrain.config.schema import DataConfig
-from longtrain.config.validate import problems
+from longtrain.planning.validate import problems
 from longtrain.data.eval_tasks import answer_max_tokens, make_eval_prompts, score
 from longtrain.data.loader import global_batch, micro_batches
 from longtrain.data.synthetic import TASKS, task_sample, task_tokens

@@ -258,7 +258,7 @@ def test_bad_input_is_refused_naming_the_field(hf_dir, tmp_path, change, expecte
 
 
 def test_beyond_the_trained_length_is_a_warning(hf_dir, tmp_path):
-    from longtrain.eval.preflight import plan_eval
+    from longtrain.planning.eval import plan_eval
 
     plan = plan_eval(_cfg(hf_dir, str(tmp_path), lengths=[193, 512], perplexity_lengths=[]))
     assert any("[512]" in w and "max_position_embeddings=256" in w for w in plan.warnings)

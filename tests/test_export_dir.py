@@ -17,7 +17,8 @@ import torch
 
 from data_helpers import make_hf_tokenizer
 from longtrain.checkpoint.export_dir import MARKER_NAME
-from longtrain.checkpoint.hf import apply_init_from, export_hf
+from longtrain.checkpoint.hf import export_hf
+from longtrain.planning.resolve import apply_init_from
 from longtrain.checkpoint.inference_files import inference_files
 from longtrain.config.schema import DataConfig, ModelConfig, RopeConfig, RunConfig
 
@@ -137,7 +138,7 @@ def test_export_written_before_the_marker_is_recognised(tmp_path) -> None:
 
 
 def test_training_refuses_a_foreign_hf_directory_before_it_starts(tmp_path) -> None:
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     cfg = RunConfig(output_dir=str(tmp_path))
     assert not [p for p in problems(cfg) if "save_hf" in p]
@@ -309,7 +310,7 @@ def test_init_from_tokenizer_is_the_default(hf_source, tmp_path) -> None:
 
 def test_another_vocabulary_warns_and_one_that_does_not_fit_is_refused(hf_source, tmp_path) -> None:
     from longtrain.checkpoint.source import tokenizer_warnings
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     base = RunConfig(init={"from": str(hf_source), "required": True}, output_dir=str(tmp_path))
     byte = apply_init_from(dataclasses.replace(base, data=DataConfig(tokenizer="byte")))
@@ -337,7 +338,7 @@ def test_another_vocabulary_warns_and_one_that_does_not_fit_is_refused(hf_source
 
 def test_eval_reads_the_checkpoints_tokenizer_by_default(hf_source, tmp_path) -> None:
     from longtrain.config.eval_schema import EvalRunConfig
-    from longtrain.eval.preflight import _resolve_tokenizer
+    from longtrain.planning.eval import _resolve_tokenizer
 
     assert _resolve_tokenizer(EvalRunConfig(checkpoint=str(hf_source))).data.tokenizer == \
         str(hf_source)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from longtrain.checkpoint.export_dir import MARKER_NAME
-from longtrain.checkpoint.hf import apply_init_from, export_hf, open_hf_weights, read_hf_config
+from longtrain.checkpoint.hf import export_hf, open_hf_weights, read_hf_config
+from longtrain.planning.resolve import apply_init_from
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -365,7 +366,7 @@ def test_export_is_atomic_and_sharded(tmp_path, monkeypatch) -> None:
         raise RuntimeError("gather failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr("longtrain.model.sharding.iter_canonical", broken_stream)
+        patch.setattr("longtrain.checkpoint.hf.iter_canonical", broken_stream)
         with pytest.raises(RuntimeError, match="gather failed"):
             export_hf(model, model.rotary.rope, str(out), overwrite=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]

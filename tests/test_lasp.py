@@ -130,7 +130,7 @@ def _hybrid_config(*, world: int, tp: int, cp: int, method: str, softmax: str):
 
 
 def _hybrid_curve(rt: Any, method: str, softmax: str, out_path: str) -> None:
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.train.loop import TrainState, train
 
     d = rt.dims
@@ -172,7 +172,7 @@ def test_hybrid_training_matches_cp1(hybrid_reference, tmp_path, method, softmax
 
 def test_layer_pattern_repeats_over_the_layers() -> None:
     from longtrain.config.schema import ModelConfig
-    from longtrain.model.llama import layer_kinds
+    from longtrain.config.pattern import layer_kinds
 
     kinds = lambda p, **kw: "".join(k[0].upper() for k in  # noqa: E731
                                     layer_kinds(ModelConfig(num_layers=8, layer_pattern=p), **kw))
@@ -198,7 +198,7 @@ def test_layer_pattern_repeats_over_the_layers() -> None:
 ])
 def test_bad_hybrid_settings_name_the_fields(change: dict, expected: str) -> None:
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     found = problems(with_fields(RunConfig(), change))
     assert any(expected in p for p in found), found
@@ -209,7 +209,7 @@ def test_linear_models_stay_native() -> None:
     and an explicit export is refused, naming the field; the layer kinds are written down."""
     from longtrain.checkpoint.hf import hf_config_dict
     from longtrain.config.schema import RunConfig
-    from longtrain.model.llama import apply_layer_pattern
+    from longtrain.planning.resolve import apply_layer_pattern
 
     cfg = RunConfig()
     cfg.attention.backend = "lasp2"

@@ -38,7 +38,7 @@ def _config(**memory: Any):
 def _one_step_grads(rt: Any, out_path: str, precision: str) -> None:
     """Loss, canonical gradients and the store's byte count of one fwd+bwd per policy."""
     from longtrain.data.loader import iterate
-    from longtrain.memory.planner import Policy, Shape, activation_bytes
+    from longtrain.memory.estimate import Policy, Shape, activation_bytes
     from longtrain.model.sharding import canonical_state_dict
     from longtrain.train.loop import attention_context, build_model
     from longtrain.train.loss import token_loss_sum
@@ -54,7 +54,7 @@ def _one_step_grads(rt: Any, out_path: str, precision: str) -> None:
         mb = next(iterate(cfg.data, start_step=0, dp_size=1, dp_rank=0, cp_size=1, cp_rank=0))[0]
         logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
                        seq_len=cfg.data.seq_len, ctx=attention_context(rt))
-        stats = model.store.stats
+        stats = model.memory_policy.store.stats
         token_loss_sum(logits, mb.labels_bt).backward()
         grads = canonical_state_dict(model, grads=True)
         est = activation_bytes(Shape.of(cfg), Policy(activations, checkpointing))
@@ -225,7 +225,8 @@ def test_store_outside_a_forward_is_inert() -> None:
 # --------------------------------------------------------------------------- memory=auto
 
 def test_memory_auto_picks_the_fastest_policy_that_fits() -> None:
-    from longtrain.memory.planner import GIB, choose, estimates
+    from longtrain.memory.estimate import GIB, estimates
+    from longtrain.planning.memory import choose
 
     cfg = _config(auto=True)
     cfg.data.seq_len = 8192
@@ -261,7 +262,7 @@ def test_memory_auto_picks_the_fastest_policy_that_fits() -> None:
     ({"budget_gib": -1.0}, "memory.budget_gib=-1.0 must be > 0"),
 ])
 def test_bad_memory_settings_name_the_fields(change, expected) -> None:
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     cfg = _config(**change)
     assert any(expected in p for p in problems(cfg)), problems(cfg)
@@ -336,7 +337,8 @@ def test_zero_checkpoints_resume_sharded_or_plain(tmp_path) -> None:
 
 
 def test_preflight_warns_when_the_policy_cannot_fit() -> None:
-    from longtrain.memory.planner import GIB, estimates, over_budget_warning
+    from longtrain.memory.estimate import GIB, estimates
+    from longtrain.planning.memory import over_budget_warning
 
     cfg = _config()
     cfg.data.seq_len = 8192

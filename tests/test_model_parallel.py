@@ -167,7 +167,7 @@ def _model_runs(rt: Any) -> dict[str, Any]:
 
 def _train_run(rt: Any, *, micro: int) -> dict[str, Any]:
     """One step of the production loop on masked passkey data; canonical results."""
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.data import loader
     from longtrain.model.sharding import canonical_state_dict
     from longtrain.train import loop

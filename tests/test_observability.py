@@ -178,7 +178,7 @@ def test_comm_timer_counts_blocked_time_per_group(tmp_path):
 
 def _train_worker(runtime, out_path: str) -> None:
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.model.flops import step_flops
     from longtrain.train.loop import train
 
@@ -293,7 +293,7 @@ def _imbalance_worker(runtime, out_path: str) -> None:
     """Rank SLOW_RANK sleeps before each forward (a slow rank, injected through its model);
     every rank reports what the loop measured."""
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.train.loop import TrainState, train
 
     cfg = RunConfig()
@@ -316,7 +316,7 @@ def _imbalance_worker(runtime, out_path: str) -> None:
 def test_memory_references_and_compute_balance_over_ranks(tmp_path):
     """Beside the measured peaks: the device's capacity, the budget and the planner's estimate;
     compute time min / max over ranks and the slowest rank, found when one rank is slowed."""
-    from longtrain.memory.planner import GIB, estimate_bytes
+    from longtrain.memory.estimate import GIB, estimate_bytes
     from longtrain.config.schema import RunConfig
 
     path = str(tmp_path / "m.json")

@@ -279,7 +279,8 @@ def test_hf_config_edited_apart_from_ours_is_refused(tmp_path: Any) -> None:
 
 
 def test_apply_init_from_takes_the_user_theta(tmp_path: Any) -> None:
-    from longtrain.checkpoint.hf import apply_init_from, export_hf
+    from longtrain.checkpoint.hf import export_hf
+    from longtrain.planning.resolve import apply_init_from
     from longtrain.config.schema import RunConfig
 
     # The checkpoint: plain RoPE trained at MODEL.max_position_embeddings.

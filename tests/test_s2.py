@@ -144,7 +144,7 @@ CURVE_RTOL = 1e-4
 
 def _s2_curve(rt: Any, out_path: str) -> None:
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.train.loop import TrainState, train
 
     cfg = RunConfig()
@@ -189,7 +189,7 @@ def test_s2_training_at_cp2_matches_cp1(tmp_path) -> None:
 ])
 def test_bad_s2_settings_name_the_fields(change: dict, expected: str) -> None:
     from longtrain.config.schema import RunConfig
-    from longtrain.config.validate import problems
+    from longtrain.planning.validate import problems
 
     found = problems(with_fields(RunConfig(), change))
     assert any(expected in p for p in found), found

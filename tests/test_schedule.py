@@ -25,13 +25,13 @@ def _cfg(world: int, out: str, *, resume: str = "never") -> RunConfig:
     cfg.optim.warmup_steps = 2
     cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.resume = 4, 3, resume
     cfg.output_dir = out
-    from longtrain.train.schedule import apply_schedule
+    from longtrain.config.schedule import apply_schedule
 
     return apply_schedule(cfg)
 
 
 def _run(rt, out: str, resume: str, tag: str) -> None:
-    from longtrain.config.validate import validate
+    from longtrain.planning.validate import validate
     from longtrain.train.loop import TrainState, train
 
     cfg = _cfg(rt.dims.world_size, out, resume=resume)
@@ -69,8 +69,8 @@ def test_schedule_grows_length_and_cp_and_resumes_inside_a_stage(tmp_path):
 
 
 def test_schedule_problems_name_the_stage_and_field(tmp_path):
-    from longtrain.config.validate import problems
-    from longtrain.train.schedule import apply_schedule
+    from longtrain.planning.validate import problems
+    from longtrain.config.schedule import apply_schedule
 
     cfg = RunConfig()
     cfg.parallel.world_size = 2

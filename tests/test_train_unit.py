@@ -22,7 +22,7 @@ from longtrain.data.tokenizer import ByteTokenizer
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.layout import split_for_cp, unsplit_from_cp, zigzag_chunk_ids
 from longtrain.parallel.spawn import run_distributed
-from longtrain.train.optim import lr_at
+from longtrain.train.lr import lr_at
 
 # ---------------------------------------------------------------- learning-rate schedule
 

@@ -19,6 +19,8 @@ import typing
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+import longtrain
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -29,8 +31,6 @@ _HYDRA_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--co
 
 
 def version_line(prog: str) -> str:
-    import longtrain
-
     return f"{prog} (longtrain {longtrain.__version__})"
 
 

@@ -19,9 +19,14 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from longtrain.attention.canary import ParityError
+from longtrain.checkpoint.native import resolve_resume
 from longtrain.config.schema import RunConfig
 from longtrain.observability.log import get_logger
 from longtrain.observability.progress import Progress, RunSummary
+from longtrain.observability.wandb_run import WandbRun
+from longtrain_launch.group import init_ray, worker_group
+from longtrain_launch.worker import Worker
 
 # How often the driver looks at the workers while waiting for the next metrics.
 _POLL_S = 1.0
@@ -112,8 +117,6 @@ def _restartable(exc: BaseException) -> bool:
     if isinstance(exc, (rex.RayActorError, rex.GetTimeoutError)):
         return True
     if isinstance(exc, rex.RayTaskError):
-        from longtrain.attention.canary import ParityError
-
         cause = exc.cause
         return not isinstance(cause, _PERMANENT + (ParityError,))
     return False
@@ -123,9 +126,6 @@ def _run_group(cfg: RunConfig, *, on_metrics, stop: _StopSignals) -> None:
     """One attempt: start the group, stream rank 0's metrics, watch every rank; raises the
     first worker failure."""
     import ray
-
-    from longtrain_launch.group import worker_group
-    from longtrain_launch.worker import Worker
 
     with worker_group(cfg, Worker, cfg=cfg) as group:
         workers, init_method = group.workers, group.init_method
@@ -155,10 +155,6 @@ def run(cfg: RunConfig, *, alerts: Sequence[tuple[str, str]] = ()) -> dict[str, 
     """Train `cfg` on a Ray worker group, restarting it on failures; returns the summary.
     `alerts`: (title, text) of what the entry point found before the run (e.g. a damaged
     checkpoint it skipped), raised once as W&B alerts when the run starts."""
-    from longtrain.checkpoint.native import resolve_resume
-    from longtrain.observability.wandb_run import WandbRun
-    from longtrain_launch.group import init_ray
-
     log = get_logger()
     started = time.perf_counter()
     stop = _StopSignals()

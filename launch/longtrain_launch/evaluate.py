@@ -16,11 +16,19 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from longtrain.config.errors import ConfigError
 from longtrain.config.eval_schema import EvalRunConfig
-from longtrain.eval.preflight import EvalPlan, plan_eval
+from longtrain.eval.hf_backend import evaluate_transformers
+from longtrain.eval.report import (EVAL_JSON, HEATMAP_PNG, grid_rows, plot_heatmap, render_table,
+                                   summarize, wandb_metrics, write_json)
+from longtrain.eval.runner import evaluate_rank
+from longtrain.observability.log import configure_logging
+from longtrain.observability.wandb_run import WandbRun
+from longtrain.parallel.runtime import shutdown_parallel
+from longtrain.planning.eval import EvalPlan, plan_eval
 from longtrain_launch.cli import (EXIT_BAD_INPUT, AppRun, config_groups, unknown_key_problems,
                                   version_line)
-from longtrain_launch.group import RankActor
+from longtrain_launch.group import RankActor, ray_session, worker_group
 from longtrain_launch.store import register_configs, to_eval_config
 
 register_configs()
@@ -32,9 +40,6 @@ class EvalWorker(RankActor):
     rank) result."""
 
     def evaluate(self, init_method: str) -> dict[str, Any]:
-        from longtrain.eval.runner import evaluate_rank
-        from longtrain.parallel.runtime import shutdown_parallel
-
         runtime = self.join(init_method)
         try:
             return evaluate_rank(self.cfg, runtime)
@@ -45,9 +50,7 @@ class EvalWorker(RankActor):
 def _evaluate_on_ray(cfg: EvalRunConfig) -> dict[str, Any]:
     import ray
 
-    from longtrain_launch.group import worker_group
-
-    with worker_group(cfg, EvalWorker, cfg=cfg) as group:
+    with ray_session(cfg), worker_group(cfg, EvalWorker, cfg=cfg) as group:
         results = ray.get([w.evaluate.remote(group.init_method) for w in group.workers],
                           timeout=cfg.launcher.timeout_s)
     return results[0]
@@ -56,15 +59,9 @@ def _evaluate_on_ray(cfg: EvalRunConfig) -> dict[str, Any]:
 def run_plan(plan: EvalPlan) -> dict[str, Any]:
     """Evaluate a validated plan and write its outputs; returns the eval.json content plus
     where the outputs went (`json`, `heatmap`, `wandb_dir`)."""
-    from longtrain.eval.report import (EVAL_JSON, HEATMAP_PNG, grid_rows, plot_heatmap,
-                                       summarize, wandb_metrics, write_json)
-    from longtrain.observability.wandb_run import WandbRun
-
     cfg = plan.cfg
     started = time.perf_counter()
     if cfg.eval.backend == "transformers":
-        from longtrain.eval.hf_backend import evaluate_transformers
-
         result = evaluate_transformers(cfg)
     else:
         result = _evaluate_on_ray(cfg)
@@ -91,9 +88,6 @@ def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="pkg://longtrain_conf", config_name="eval")
 def _app(dcfg: DictConfig) -> dict[str, Any]:
     _RUN.started()
-    from longtrain.config.errors import ConfigError
-    from longtrain.eval.report import render_table
-    from longtrain.observability.log import configure_logging
 
     try:
         plan = plan_eval(to_eval_config(dcfg))

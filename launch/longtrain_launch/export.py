@@ -19,6 +19,11 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from longtrain.checkpoint.convert import convert
+from longtrain.checkpoint.source import source_problems
+from longtrain.data.tokenizer import tokenizer_problems
+from longtrain.observability.log import configure_logging
+
 USAGE = ("usage: longtrain-export checkpoint=<dir> out=<dir> [format=hf|native] "
          "[dtype=auto|fp32|bf16|fp16] [overwrite=false|true] [tokenizer=<dir>|byte]")
 _DEFAULTS = {"checkpoint": None, "out": None, "format": "hf", "dtype": "auto",
@@ -42,11 +47,6 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from longtrain.checkpoint.convert import convert
-    from longtrain.checkpoint.source import source_problems
-    from longtrain.data.tokenizer import tokenizer_problems
-    from longtrain.observability.log import configure_logging
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n" + __doc__)

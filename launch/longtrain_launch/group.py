@@ -17,9 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
+from longtrain.attention.plan import cp_group_sizes
 from longtrain.config.errors import ConfigError
 from longtrain.config.schema import AttentionConfig, LauncherConfig, ParallelConfig
-from longtrain.observability.log import get_logger
+from longtrain.observability.log import configure_logging, get_logger
+from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.runtime import init_parallel
+from longtrain_launch.slurm import job_signals_ignored_by_children
 
 if TYPE_CHECKING:
     from longtrain.parallel.runtime import ParallelRuntime
@@ -46,8 +50,6 @@ def init_ray(cfg: GroupConfig) -> bool:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
     if cfg.launcher.kind == "local":
-        from longtrain_launch.slurm import job_signals_ignored_by_children
-
         needed = cfg.parallel.world_size * cfg.launcher.cpus_per_worker
         # Ray's processes must outlive a Slurm warning signal (see launch/longtrain_launch/slurm.py).
         # address="local": a new Ray even when a `ray start` cluster runs on this machine
@@ -60,6 +62,20 @@ def init_ray(cfg: GroupConfig) -> bool:
         wait_for_head(cfg.launcher.address, timeout_s=cfg.launcher.connect_timeout_s)
         ray.init(address=cfg.launcher.address, log_to_driver=False, logging_level="WARNING")
     return True
+
+
+@contextmanager
+def ray_session(cfg: GroupConfig) -> Iterator[None]:
+    """Ray for one entry point's life, started once: joined when already running in this
+    process, else started (`init_ray`) and shut down when the block ends."""
+    import ray
+
+    owns_ray = init_ray(cfg)
+    try:
+        yield
+    finally:
+        if owns_ray:
+            ray.shutdown()
 
 
 class HeadUnreachable(ConfigError):
@@ -116,8 +132,6 @@ class RankActor:
     rendezvous (rank 0) and joins torch.distributed with the run's layout."""
 
     def __init__(self, *, rank: int, cfg: GroupConfig) -> None:
-        from longtrain.observability.log import configure_logging
-
         quiet_third_party()
         if cfg.launcher.kind == "local":
             # One machine: keep gloo's pair connections on loopback too.
@@ -145,10 +159,6 @@ class RankActor:
         ends with `longtrain.parallel.runtime.shutdown_parallel()`."""
         import torch
 
-        from longtrain.attention.plan import cp_group_sizes
-        from longtrain.parallel.dims import ParallelDims
-        from longtrain.parallel.runtime import init_parallel
-
         cfg = self.cfg
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_worker))
         cp_sizes = cp_group_sizes(cfg.attention, cfg.parallel.cp)
@@ -169,15 +179,17 @@ class WorkerGroup:
 def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
                  ) -> Iterator[WorkerGroup]:
     """Start `parallel.world_size` actors `actor_cls(rank=r, **actor_kwargs)` in a placement
-    group (one bundle per rank), ask rank 0 for the rendezvous (`actor_cls.rendezvous`), and
+    group (one bundle per rank) of the Ray the entry point started, ask rank 0 for the rendezvous (`actor_cls.rendezvous`), and
     tear everything down when the block ends, however it ends. `cfg` and `actor_cls` are
     positional-only, so the actors' own keyword arguments may include `cfg=`."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    if not ray.is_initialized():
+        raise RuntimeError("worker_group needs Ray started by its entry point "
+                           "(ray_session(cfg), as driver.run and the eval app do)")
     world = cfg.parallel.world_size
-    owns_ray = init_ray(cfg)
     bundle = {"CPU": cfg.launcher.cpus_per_worker}
     if cfg.launcher.gpus_per_worker:
         bundle["GPU"] = cfg.launcher.gpus_per_worker
@@ -204,5 +216,3 @@ def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
         for w in workers:
             ray.kill(w, no_restart=True)
         remove_placement_group(pg)
-        if owns_ray:
-            ray.shutdown()

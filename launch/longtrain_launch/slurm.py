@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from longtrain.config.schema import LauncherConfig, RunConfig
+from longtrain.observability.log import get_logger
 
 # How long the head may take to start (rank 0) and others may wait for its address.
 HEAD_START_S = 300
@@ -332,8 +333,6 @@ def ray_head(alloc: Allocation) -> Iterator[str]:
     """Rank 0: a Ray head on this node, joined by every other task's node; yields its
     address with this process connected to it as the driver. On exit, however it exits,
     the others are told the driver is done and the head stops."""
-    from longtrain.observability.log import get_logger
-
     rdv = _Rendezvous(alloc)
     proc: Optional[subprocess.Popen] = None
     address = ""

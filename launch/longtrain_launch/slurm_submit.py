@@ -1,7 +1,7 @@
 """Submitting to Slurm: `hydra/launcher=slurm` (hydra-submitit-launcher, on the login node).
 
 Before anything reaches sbatch, every job of the sweep is composed as the job itself will
-compose it and checked: the run's own constraints (`longtrain.config.validate.problems`) and
+compose it and checked: the run's own constraints (`longtrain.planning.validate.problems`) and
 its fit to the job's resources (the `hydra.launcher.*` fields, checked by the same
 `fit_launcher` the job runs). One bad job submits nothing: every problem of every job is
 printed and the command exits 2. `--check` runs the same checks and then the usual report of
@@ -39,9 +39,14 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from longtrain.config.errors import ConfigError
 from longtrain.config.schema import RunConfig
+from longtrain.observability.progress import summary_line
+from longtrain.planning.resolve import resolve
+from longtrain.planning.validate import problems
 from longtrain_launch.cli import EXIT_BAD_INPUT, EXIT_FAILED
 from longtrain_launch.slurm import Allocation, fit_launcher, one_task_per_gpu_node
+from longtrain_launch.store import to_run_config
 
 # Hydra instantiates launchers only from the `hydra_plugins` namespace, by their registered
 # name; `register_slurm_launcher` registers LongtrainSlurmLauncher under this one (the class
@@ -145,15 +150,8 @@ def job_resources(params: dict[str, Any], cfg: RunConfig) -> tuple[JobResources,
 def run_problems(task_cfg: DictConfig) -> tuple[Optional[RunConfig], list[str]]:
     """The typed run config of one job and every constraint it violates (as `--check` and the
     job's own validation see them); (None, [error]) when it cannot even be built."""
-    from longtrain.checkpoint.hf import apply_init_from
-    from longtrain.config.errors import ConfigError
-    from longtrain.config.validate import problems
-    from longtrain.model.llama import apply_layer_pattern
-    from longtrain.train.schedule import apply_schedule
-    from longtrain_launch.store import to_run_config
-
     try:
-        cfg = apply_layer_pattern(apply_init_from(apply_schedule(to_run_config(task_cfg))))
+        cfg = resolve(to_run_config(task_cfg))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         return None, [str(exc)]
     return cfg, problems(cfg)
@@ -348,8 +346,6 @@ def _error_line(text: str) -> str:
 
 
 def _summary(result: Any) -> str:
-    from longtrain.observability.progress import summary_line
-
     if isinstance(result, dict) and "loss_end_mean" in result:
         return summary_line(result)
     return f"done ({result})"

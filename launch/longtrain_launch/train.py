@@ -11,10 +11,24 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
+from longtrain.checkpoint.native import choose_resume, list_checkpoints
+from longtrain.checkpoint.source import tokenizer_warnings
+from longtrain.config.errors import ConfigError
 from longtrain.config.schema import RunConfig
+from longtrain.data.prepare import describe_data, prepare_data
+from longtrain.memory.estimate import Policy
+from longtrain.observability.log import configure_logging
 from longtrain.observability.progress import render_summary
+from longtrain.planning.memory import choose, over_budget_warning
+from longtrain.planning.preflight import (EXIT_NO_FIT, check_report, describe_init_and_rope,
+                                          rope_warnings)
+from longtrain.planning.resolve import resolve
+from longtrain.planning.validate import problems, validate
 from longtrain_launch.cli import (EXIT_BAD_INPUT, AppRun, config_groups, nothing_written,
                                   unknown_key_problems, version_line)
+from longtrain_launch.driver import run
+from longtrain_launch.slurm import Allocation, run_in_allocation
+from longtrain_launch.slurm_submit import register_slurm_launcher
 from longtrain_launch.store import register_configs, to_run_config
 
 register_configs()
@@ -24,27 +38,15 @@ _RUN = AppRun("longtrain-train")
 def prepare(dcfg: DictConfig):
     """Typed, checkpoint-resolved, validated config with its data prepared (a corpus is
     tokenized and packed here, on the driver); raises ConfigError on bad input."""
-    from longtrain.checkpoint.hf import apply_init_from
-    from longtrain.config.errors import ConfigError
-    from longtrain.config.validate import validate
-    from longtrain.data.prepare import prepare_data
-    from longtrain.model.llama import apply_layer_pattern
-    from longtrain.train.schedule import apply_schedule
-
-    cfg = to_run_config(dcfg)
-    cfg = apply_layer_pattern(apply_init_from(apply_schedule(cfg)))
+    cfg = resolve(to_run_config(dcfg))
     validate(cfg)
     if cfg.memory.auto:
-        from longtrain.memory.planner import choose
-
         try:
             cfg, report = choose(cfg)
         except ValueError as exc:
             raise ConfigError([str(exc)]) from exc
         print(report, flush=True)
     else:
-        from longtrain.memory.planner import over_budget_warning
-
         warning = over_budget_warning(cfg)
         if warning:
             print(f"longtrain-train: warning: {warning}", file=sys.stderr, flush=True)
@@ -68,8 +70,6 @@ def _run_task(dcfg: DictConfig, *, check_only: bool) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from longtrain_launch.slurm import Allocation, run_in_allocation
-
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.runtime.choices.get("hydra/launcher") == "slurm" \
             and hydra_cfg.mode == RunMode.RUN:
@@ -90,10 +90,6 @@ def _run_task(dcfg: DictConfig, *, check_only: bool) -> dict[str, Any]:
 
 def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None = None,
            in_job: bool = False) -> dict[str, Any]:
-    from longtrain.config.preflight import describe_init_and_rope, rope_warnings
-    from longtrain.config.errors import ConfigError
-    from longtrain.observability.log import configure_logging
-
     try:
         cfg = prepare(dcfg)
         if adapt is not None:
@@ -106,14 +102,9 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
             raise
         sys.exit(2)
     configure_logging(log_file=os.path.join(cfg.output_dir, "driver.log"), console=False)
-    from longtrain.data.prepare import describe_data
-    from longtrain_launch.driver import run
-
     data_line = describe_data(cfg)
     if data_line:
         print(f"longtrain: {data_line}", flush=True)
-
-    from longtrain.checkpoint.native import choose_resume
 
     # resolved once here, so every worker continues from the same checkpoint
     choice = choose_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
@@ -125,16 +116,12 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
         print(f"longtrain-train: warning: {line}", file=sys.stderr, flush=True)
     if resume:
         print(f"longtrain: resuming from {resume}", flush=True)
-    from longtrain.memory.planner import Policy
-
     memory = Policy(cfg.memory.activations, cfg.memory.checkpointing, cfg.memory.offload).name
     print(f"longtrain: {cfg.model.name} model, attention={cfg.attention.backend}, "
           f"world {cfg.parallel.world_size} (tp {cfg.parallel.tp}, cp {cfg.parallel.cp}), "
           f"seq_len {cfg.data.seq_len}, {cfg.train.steps} steps"
           f"{'' if memory == 'none' else f', memory {memory}'} -> {cfg.output_dir}", flush=True)
     print(f"longtrain: {describe_init_and_rope(cfg)}", flush=True)
-    from longtrain.checkpoint.source import tokenizer_warnings
-
     for warning in [*rope_warnings(cfg), *tokenizer_warnings(cfg)]:
         print(f"longtrain-train: warning: {warning}", file=sys.stderr, flush=True)
     where = ("an embedded Ray" if cfg.launcher.kind == "local"
@@ -151,8 +138,6 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
             raise
         sys.exit(2)
     if result.get("stopped_at"):
-        from longtrain.checkpoint.native import list_checkpoints
-
         saved = list_checkpoints(cfg.checkpoint_dir)
         where = saved[-1][1] if saved else cfg.checkpoint_dir
         print(f"longtrain: stopped at step {result['stopped_at']} on "
@@ -173,21 +158,12 @@ def _train(dcfg: DictConfig, *, adapt: Callable[[RunConfig], RunConfig] | None =
 def _check(dcfg: DictConfig) -> dict[str, Any]:
     """--check: print the layout, attention per layer, memory estimate and every violated
     constraint; start nothing. Exits 2 when a constraint fails."""
-    from longtrain.checkpoint.hf import apply_init_from
-    from longtrain.config.errors import ConfigError
-    from longtrain.config.preflight import EXIT_BAD_INPUT, EXIT_NO_FIT, check_report
-    from longtrain.model.llama import apply_layer_pattern
-    from longtrain.train.schedule import apply_schedule
-
     try:
-        cfg = apply_layer_pattern(apply_init_from(apply_schedule(to_run_config(dcfg))))
+        cfg = resolve(to_run_config(dcfg))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"longtrain-train --check: {exc}", file=sys.stderr)
         sys.exit(2)
     if cfg.memory.auto:
-        from longtrain.config.validate import problems
-        from longtrain.memory.planner import choose
-
         if not problems(cfg):
             try:
                 cfg, report = choose(cfg)
@@ -249,7 +225,6 @@ def _prepare_launchers() -> None:
     # hydra/launcher=slurm: submitit's warning signal is USR1 (its default is USR2), the one the
     # driver checkpoints on; read when submitit is imported, here and in the job it submits
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    from longtrain_launch.slurm_submit import register_slurm_launcher
 
     # a sweep that passed its checks and was submitted has started: a failed job exits 1
     register_slurm_launcher(on_submit=_RUN.started)

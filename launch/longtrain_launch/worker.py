@@ -12,6 +12,11 @@ import socket
 import threading
 from typing import Any, Iterator
 
+from longtrain.checkpoint.hf import export_hf
+from longtrain.checkpoint.inference_files import inference_files
+from longtrain.observability.log import get_logger
+from longtrain.parallel.runtime import shutdown_parallel
+from longtrain.train.loop import TrainState, train
 from longtrain_launch.group import RankActor
 
 
@@ -28,10 +33,6 @@ class Worker(RankActor):
         self._stop.set()
 
     def _steps(self, init_method: str) -> Iterator[dict[str, Any]]:
-        from longtrain.observability.log import get_logger
-        from longtrain.parallel.runtime import shutdown_parallel
-        from longtrain.train.loop import TrainState, train
-
         cfg = self.cfg
         log = get_logger()
         log.info("worker pid %d on %s", os.getpid(), socket.gethostname())
@@ -51,9 +52,6 @@ class Worker(RankActor):
             runtime = state.runtime
             if cfg.train.save_hf and not state.stopped and runtime.dp_rank == 0 \
                     and runtime.cp_rank == 0:
-                from longtrain.checkpoint.hf import export_hf
-                from longtrain.checkpoint.inference_files import inference_files
-
                 out = os.path.join(cfg.output_dir, "hf")
                 writer = runtime.tp_rank == 0
                 export_hf(model, cfg.rope, out, tp_group=runtime.tp_group, is_writer=writer,

@@ -22,6 +22,7 @@ from longtrain.attention.ring import kv_bytes
 from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
 from longtrain.parallel.collective_cost import AttentionShape, Link, all_gather, all_reduce
 from longtrain.parallel.layout import zigzag_chunk_ids
+from longtrain.parallel.watch import collective
 
 
 def local_chunk_ids(ctx: AttentionContext) -> list[int]:
@@ -41,8 +42,6 @@ def order_gathered(parts: list[torch.Tensor], cp: int) -> torch.Tensor:
 def all_gather_chunks(x_local: torch.Tensor, ctx: AttentionContext, *, what: str
                        ) -> torch.Tensor:
     """[2, ...] (this rank's chunks) -> [2cp, ...] in chunk order, over the CP group."""
-    from longtrain.parallel.watch import collective
-
     parts = [torch.empty_like(x_local) for _ in range(ctx.cp_size)]
     with collective(what, group="context-parallel"):
         dist.all_gather(parts, x_local.contiguous(), group=ctx.cp_group)
@@ -78,8 +77,6 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
-        from longtrain.parallel.watch import collective
-
         ctx = fctx.attn_ctx
         grad = grad.contiguous()
         with collective("LASP-2H dK/dV all-reduce", group="context-parallel"):

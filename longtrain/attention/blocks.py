@@ -20,6 +20,11 @@ from typing import Optional
 
 import torch
 
+from longtrain_kernels import resolve_kernels
+from longtrain_kernels.flash_attn import flash_block_backward, flash_block_forward
+from longtrain_kernels.flash_attn.naive import (attention_block_naive,
+                                                attention_block_naive_backward)
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Merging and accumulation precision: float32, or float64 for float64 inputs (tests)."""
@@ -39,8 +44,6 @@ def _doc_mask(q_doc_bt: torch.Tensor, k_doc_bt: torch.Tensor, *, causal: bool,
 
 
 def _use_triton(q: torch.Tensor, kernels: str) -> bool:
-    from longtrain_kernels import resolve_kernels
-
     return resolve_kernels(kernels, q) == "triton"
 
 
@@ -53,8 +56,6 @@ def block_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tens
     `causal` masks key j > query i within the block (square blocks on the diagonal only).
     """
     if _use_triton(q_bhtd, kernels):
-        from longtrain_kernels.flash_attn import flash_block_forward
-
         out_bthd, lse = flash_block_forward(
             q_bhtd.transpose(1, 2), k_bhtd.transpose(1, 2), v_bhtd.transpose(1, 2), scale=scale,
             causal=causal, q_offset=0, k_offset=0, q_doc=q_doc_bt, k_doc=k_doc_bt)
@@ -81,8 +82,6 @@ def block_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one block given the merged out and lse of the query rows."""
     if _use_triton(q_bhtd, kernels):
-        from longtrain_kernels.flash_attn import flash_block_backward
-
         t = lambda x: x.transpose(1, 2)  # noqa: E731
         dq, dk, dv = flash_block_backward(
             t(dout_bhtd), t(q_bhtd), t(k_bhtd), t(v_bhtd), t(out_bhtd), lse_bht, scale=scale,
@@ -125,8 +124,6 @@ def merge_block_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Te
 def _naive_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,
                    scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor],
                    k_doc_bt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    from longtrain_kernels.flash_attn.naive import attention_block_naive
-
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     out, lse = attention_block_naive(t(q_bhtd), t(k_bhtd), t(v_bhtd), scale=scale, causal=causal,
                                      q_doc=q_doc_bt, k_doc=k_doc_bt)
@@ -138,8 +135,6 @@ def _naive_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch
                     scale: float, causal: bool, q_doc_bt: Optional[torch.Tensor],
                     k_doc_bt: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from longtrain_kernels.flash_attn.naive import attention_block_naive_backward
-
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     dq, dk, dv = attention_block_naive_backward(
         t(dout_bhtd), t(q_bhtd), t(k_bhtd), t(v_bhtd), t(out_bhtd), lse_bht, scale=scale,

@@ -8,13 +8,13 @@ every `attention.check_every` steps, not every step.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.types import AttentionContext, AttentionMeta
 from longtrain.attention.dense import dense_attention
+from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta
 from longtrain.parallel.layout import unsplit_from_cp
 
 
@@ -60,3 +60,42 @@ def check_parity(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tenso
                           f"{backend!r} differs from dense attention by {err:.3e} (relative), "
                           f"above attention.check_tol={tol:.1e} (cp={ctx.cp_size})")
     return err
+
+
+class ParityCanary:
+    """Wraps one softmax layer's attention function from outside the model (`install`): armed
+    for one call (`arm`), it checks that call's output against dense attention
+    (`check_parity`) and keeps the error (`last_error`); otherwise it only forwards."""
+
+    def __init__(self, fn: AttentionFn, *, where: str) -> None:
+        self.fn = fn
+        self.where = where
+        self.backend = getattr(fn, "__name__", str(fn))
+        self.armed = False
+        self.tol: Optional[float] = None
+        self.last_error: Optional[float] = None
+
+    def arm(self, *, tol: Optional[float]) -> None:
+        self.armed, self.tol, self.last_error = True, tol, None
+
+    def __call__(self, q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: torch.Tensor,
+                 meta: AttentionMeta, ctx: AttentionContext) -> torch.Tensor:
+        out = self.fn(q_bthd, k_bthd, v_bthd, meta, ctx)
+        if self.armed:
+            # disarmed first: a recomputed forward (memory.checkpointing) does not check again
+            self.armed = False
+            self.last_error = check_parity(q_bthd, k_bthd, v_bthd, out.detach(), meta, ctx,
+                                           tol=self.tol, backend=self.backend,
+                                           where=self.where)
+        return out
+
+
+def install(model: Any) -> Optional[ParityCanary]:
+    """Put a ParityCanary around the first softmax attention layer of `model` (a LlamaModel);
+    None when the model has no softmax layer (nothing to check)."""
+    layer = next((layer for layer in model.layers if layer.kind == "softmax"), None)
+    if layer is None:
+        return None
+    canary = ParityCanary(layer.attn.attention, where="the first softmax layer")
+    layer.attn.attention = canary
+    return canary

@@ -30,11 +30,13 @@ import torch
 import torch.distributed as dist
 
 from longtrain.attention.allgather import all_gather_chunks, local_chunk_ids, order_gathered
-from longtrain.attention.pattern import layer_kinds, pattern_problems
 from longtrain.attention.types import (AttentionContext, AttentionMeta, BackendSpec,
                                        LinearAttentionFn)
+from longtrain.config.pattern import layer_kinds, pattern_problems
 from longtrain.observability.flops import layer_attention_forward
 from longtrain.parallel.collective_cost import AttentionShape, Link, all_gather, p2p
+from longtrain.parallel.watch import collective
+from longtrain_kernels.lightning_attn import lightning_attention
 
 DECAYS = ("slopes", "none")
 
@@ -53,8 +55,6 @@ def head_log_decay(num_heads: int, kind: str) -> torch.Tensor:
 
 def _lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                doc_bt: Optional[torch.Tensor], kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from longtrain_kernels.lightning_attn import lightning_attention
-
     return lightning_attention(q, k, v, log_decay, doc_bt, backend=kernels)
 
 
@@ -84,8 +84,6 @@ class _PendingGather:
         self.parts.append(parts)
 
     def wait(self) -> torch.Tensor:
-        from longtrain.parallel.watch import collective
-
         with collective("LASP-2 state all-gather", group="context-parallel"):
             for work in self.works:
                 work.wait()
@@ -200,8 +198,6 @@ def _walk_chain(ctx: AttentionContext, *, order: range,
     entering chunk `c` is `start` for the first, else received from the previous chunk's owner
     (or kept, when that is this rank); `step(c, entering)` goes on to the next chunk's owner.
     Returns {c: the value entering c} for this rank's chunks."""
-    from longtrain.parallel.watch import collective
-
     cp, rank = ctx.cp_size, ctx.cp_rank
     ranks = dist.get_process_group_ranks(ctx.cp_group)
     seq = list(order)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from longtrain.attention.linear import LASP2
-from longtrain.attention.pattern import layer_kinds
 from longtrain.attention.table import TABLE, get_spec
 from longtrain.attention.types import AttentionFn, BackendSpec, LayerPlan, LinearAttentionFn
+from longtrain.config.pattern import layer_kinds
 
 # the linear layers of a model whose attention.backend is a softmax one (a configuration
 # validation rejects; the model still builds with LASP-2 so --check can describe it)

@@ -30,11 +30,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from longtrain.attention.blocks import (acc_dtype, any_allowed, block_backward, block_forward,
+                                        merge_block_)
 from longtrain.attention.dense import softmax_forward_flops
 from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
 from longtrain.parallel.collective_cost import AttentionShape, Link, RingDetail, ring_exposed
-from longtrain.attention.blocks import (acc_dtype, any_allowed, block_backward, block_forward,
-                                       merge_block_)
+from longtrain.parallel.watch import collective
 
 
 class RingComm:
@@ -60,8 +61,6 @@ class RingComm:
         return [r.transpose(1, 2) if t.dim() == 4 else r for t, r in zip(tensors, recv)]
 
     def wait(self) -> None:
-        from longtrain.parallel.watch import collective
-
         with collective("ring attention K/V send/recv", group="context-parallel"):
             for req in self._pending:
                 req.wait()
@@ -269,7 +268,7 @@ def kv_bytes(s: AttentionShape, c: int) -> tuple[float, float]:
 def ring_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: float, attention: Any
               ) -> tuple[float, Optional[RingDetail]]:
     """K/V rotated c-1 times each way, overlapping the blocks' compute; the fp32 dK/dV
-    accumulators travel c times, exposed (longtrain.parallel.costmodel's docstring)."""
+    accumulators travel c times, exposed (longtrain.planning.costmodel's docstring)."""
     if c <= 1:
         return 0.0, None
     _, kv = kv_bytes(s, c)

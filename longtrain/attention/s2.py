@@ -31,12 +31,13 @@ from longtrain.attention.ring import ring_attention, ring_comm
 from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta, BackendSpec
 from longtrain.observability.flops import layer_attention_forward
 from longtrain.parallel.layout import zigzag_chunk_ids
+from longtrain.parallel.watch import collective
+from longtrain_kernels.s2_attn import S2Pattern
+from longtrain_kernels.s2_attn import s2_attention as kernel
 
 
 def s2_pattern(cfg: Any, num_heads: int):
     """The kernel's pattern from `attention.s2` and the model's global head count."""
-    from longtrain_kernels.s2_attn import S2Pattern
-
     return S2Pattern(num_heads=num_heads, block_size=cfg.block_size,
                      local_blocks=cfg.local_blocks, vert_stride=cfg.vert_stride,
                      homo_head=cfg.homo_head, num_dense_heads=cfg.num_dense_heads)
@@ -110,8 +111,6 @@ def _gather_blocks(x_bthd: torch.Tensor, offsets: list[int], bs: int) -> torch.T
 
 def _p2p(plan: _Exchange, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor],
          *, what: str) -> None:
-    from longtrain.parallel.watch import collective
-
     ops = []
     for peer, t in outgoing.items():
         if t.numel():
@@ -188,8 +187,6 @@ def make_s2_attention(pattern: Any) -> AttentionFn:
 
     def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
                      ctx: AttentionContext) -> torch.Tensor:
-        from longtrain_kernels.s2_attn import s2_attention as kernel
-
         doc = meta.doc_ids_bt
         common = dict(head_offset=meta.head_offset, scale=meta.softmax_scale,
                       backend=ctx.kernels)

@@ -34,9 +34,10 @@ from longtrain.attention.dense import dense_attention, softmax_forward_flops
 from longtrain.attention.ring import kv_bytes, ring_attention_fn
 from longtrain.attention.types import AttentionContext, AttentionMeta, BackendSpec
 from longtrain.parallel.collective_cost import (AttentionShape, Link, RingDetail, all_to_all,
-                                               ring_exposed)
+                                                ring_exposed)
 from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
 from longtrain.parallel.layout import split_for_cp
+from longtrain.parallel.watch import collective
 
 if TYPE_CHECKING:
     from longtrain.config.schema import RunConfig
@@ -219,7 +220,6 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
 
     attn = DistributedAttention(local, ulysses_group, scatter_idx=_SCATTER_HEADS,
                                 gather_idx=_GATHER_SEQ)
-    from longtrain.parallel.watch import collective
 
     # forward all-to-alls; in backward the layer's own record names the module
     with collective("Ulysses all-to-all (DeepSpeed DistributedAttention)", group="ulysses"):

@@ -11,6 +11,9 @@ from typing import Optional
 
 import torch
 
+from longtrain.checkpoint.hf import write_hf
+from longtrain.checkpoint.inference_files import inference_files
+from longtrain.checkpoint.native import MANIFEST, write_weights_checkpoint
 from longtrain.checkpoint.source import (open_source_weights, read_model_source, source_kind,
                                          source_tokenizer)
 from longtrain.data.tokenizer import AUTO, BYTE, without_source
@@ -46,16 +49,11 @@ def convert(source: str, out: str, *, format: str = "hf", dtype: str = "auto",
     with open_source_weights(source) as get:
         tensors = ((name, get(name) if cast is None else get(name).to(cast)) for name in names)
         if format == "hf":
-            from longtrain.checkpoint.hf import write_hf
-            from longtrain.checkpoint.inference_files import inference_files
-
             hf_source = source_kind(source) == "hf"
             inference = inference_files(tokenizer, model_dir=source if hf_source else None)
             write_hf(tensors, model=model, rope=rope, out_dir=out,
                      max_shard_bytes=max_shard_bytes, inference=inference, overwrite=overwrite)
         else:
-            from longtrain.checkpoint.native import MANIFEST, write_weights_checkpoint
-
             # a native checkpoint is replaced as a whole directory, so only an earlier one may be
             if os.path.isdir(out) and os.listdir(out) \
                     and not os.path.isfile(os.path.join(out, MANIFEST)):

@@ -1,5 +1,5 @@
-"""Hugging Face Llama-family checkpoints: read their config and weights, export ours, and
-start a run from one.
+"""Hugging Face Llama-family checkpoints: read their config and weights, and export ours
+(starting a run from one, `init.from`, is resolved in longtrain.planning.resolve).
 
 A Hugging Face directory holds `config.json` plus weights in `model.safetensors`, sharded
 safetensors with `model.safetensors.index.json`, or (legacy) `pytorch_model.bin` and its index.
@@ -10,11 +10,13 @@ Weight names are the canonical names of `longtrain.model.sharding`, so import is
 Llama, Mistral and Qwen2 are the same decoder for our purposes (Qwen2 adds q/k/v biases);
 features our model does not compute (MLP biases, output-projection biases, sliding-window
 attention, non-SiLU activations) are refused rather than silently dropped.
+
+Over 450 lines on purpose: reading, exporting from a sharded model and writing from one
+process share the file names, the config mapping and the shard writer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -25,14 +27,16 @@ import torch
 
 from longtrain.checkpoint.export_dir import commit_export_dir, make_staging_dir
 from longtrain.checkpoint.inference_files import InferenceFiles
-from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
+from longtrain.config.pattern import layer_kinds
+from longtrain.config.schema import ModelConfig, RopeConfig
 from longtrain.model.rope import LONGTRAIN_ROPE_KEY, rope_from_hf, rope_to_hf
+from longtrain.model.sharding import iter_canonical
 from longtrain.observability.log import get_logger
 
 if TYPE_CHECKING:
     from longtrain.model.llama import LlamaModel
 
-__all__ = ["apply_init_from", "export_hf", "hf_config_dict", "open_hf_weights", "read_hf_config"]
+__all__ = ["export_hf", "hf_config_dict", "open_hf_weights", "read_hf_config"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 CONFIG_NAME = "config.json"
@@ -258,8 +262,6 @@ def hf_config_dict(cfg: ModelConfig, rope: RopeConfig, *, dtype: torch.dtype,
                    token_ids: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """config.json contents that make transformers build the same model as `cfg` + `rope`;
     `token_ids`: its bos_token_id / eos_token_id / pad_token_id (null when not given)."""
-    from longtrain.model.llama import layer_kinds
-
     if "linear" in layer_kinds(cfg):
         raise ValueError(f"model.layer_pattern={cfg.layer_pattern!r} has linear-attention "
                          f"layers, which transformers' Llama cannot represent: keep the native "
@@ -406,8 +408,6 @@ def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=Non
     neither empty nor an earlier export is refused unless `overwrite`
     (`longtrain.checkpoint.export_dir`). If the writer fails, every rank raises.
     """
-    from longtrain.model.sharding import iter_canonical
-
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} must be a positive integer")
     out_dir = os.path.abspath(out_dir)
@@ -455,51 +455,6 @@ def export_hf(model: LlamaModel, rope: RopeConfig, out_dir: str, *, tp_group=Non
     if is_writer:
         get_logger().info("exported %s (%.1f MB) to %s", model.cfg.name,
                           (writer.total_bytes if writer else 0) / 1e6, out_dir)
-
-
-_ROPE_SCALING_FIELDS = tuple(f.name for f in dataclasses.fields(RopeConfig) if f.name != "theta")
-
-
-def apply_init_from(cfg: RunConfig) -> RunConfig:
-    """The run config to use when `init.from` (a Hugging Face directory or a native
-    checkpoint) is set (driver side, before workers start).
-
-    `model` is entirely the checkpoint's. RoPE is the checkpoint's, except that a scaling the
-    user asked for (`rope.scaling` other than "none") replaces the checkpoint's scaling
-    fields, and for `abf` and `entropy_abf` (whose point is the larger base) the user's theta
-    replaces the checkpoint's theta. `data.tokenizer=auto` becomes the checkpoint's tokenizer
-    (`source_tokenizer`), or "byte" when it has none. Returns `cfg` itself when `init.from`
-    is unset.
-    """
-    if not cfg.init_from:
-        return cfg
-    from longtrain.checkpoint.source import read_model_source, source_tokenizer
-    from longtrain.data.tokenizer import AUTO, BYTE
-    from longtrain.train.schedule import stages
-
-    path = str(cfg.init_from)
-    model, ckpt_rope = read_model_source(path)
-    data = cfg.data
-    if data.tokenizer == AUTO:
-        data = dataclasses.replace(data, tokenizer=source_tokenizer(path) or BYTE)
-    user = cfg.rope
-    if user.scaling == "none":
-        rope = ckpt_rope
-    else:
-        if ckpt_rope.scaling not in ("none", "abf") and ckpt_rope.scaling != user.scaling:
-            get_logger().warning("init.from=%s uses rope scaling %r; rope.scaling=%r replaces it",
-                                 path, ckpt_rope.scaling, user.scaling)
-        scaling = {name: getattr(user, name) for name in _ROPE_SCALING_FIELDS}
-        theta = user.theta if user.scaling in ("abf", "entropy_abf") else ckpt_rope.theta
-        if scaling.get("original_max_position_embeddings") is None:
-            # Extending: the checkpoint's trained length is the "original" length the scaling
-            # starts from, and the model now claims the new training length.
-            scaling["original_max_position_embeddings"] = model.max_position_embeddings
-        rope = dataclasses.replace(ckpt_rope, theta=theta, **scaling)
-        longest = max(stage.seq_len for stage in stages(cfg))
-        model = dataclasses.replace(
-            model, max_position_embeddings=max(model.max_position_embeddings, longest))
-    return dataclasses.replace(cfg, model=model, rope=rope, data=data)
 
 
 def write_hf(tensors: Iterable[tuple[str, torch.Tensor]], *, model: ModelConfig,

@@ -34,25 +34,23 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config.schema import ModelConfig, RopeConfig
+from longtrain.model.sharding import canonical_shapes, shard_specs
 from longtrain.observability.log import get_logger
 
 if TYPE_CHECKING:
     from longtrain.model.llama import LlamaModel
     from longtrain.parallel.runtime import ParallelRuntime
-    from longtrain.train.optim import Optimizer
 
-__all__ = ["CheckpointError", "ResumeChoice", "choose_resume", "find_checkpoint",
-           "is_native_checkpoint", "list_checkpoints",
-           "load_train_state", "open_native_weights", "read_manifest", "resolve_resume",
-           "save_train_state",
-           "write_weights_checkpoint"]
+__all__ = ["CheckpointError", "ResumeChoice", "canonical_views", "choose_resume",
+           "find_checkpoint", "is_native_checkpoint", "list_checkpoints", "model_mismatch",
+           "open_native_weights", "read_manifest", "resolve_resume", "tp_mesh",
+           "write_checkpoint", "write_weights_checkpoint"]
 
 FORMAT = "longtrain-dcp/1"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # a save in progress, or one that died part-way
 _STALE = re.compile(r"^\.step_\d{8}\.tmp$")
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(ValueError):
@@ -154,13 +152,13 @@ def model_mismatch(manifest: dict[str, Any], model: ModelConfig) -> list[str]:
 # canonical views of this rank's tensors
 
 
-def _tp_mesh(runtime: "ParallelRuntime"):
+def tp_mesh(runtime: "ParallelRuntime"):
     from torch.distributed.device_mesh import DeviceMesh
 
     return DeviceMesh.from_group(runtime.tp_group, runtime.device.type)
 
 
-def _canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor], *,
+def canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor], *,
                      mesh) -> dict[str, torch.Tensor]:
     """canonical name -> this rank's part of it, viewing (sharing storage with) the local
     tensors: a DTensor over the TP mesh for TP-sharded tensors, the tensor itself otherwise.
@@ -168,8 +166,6 @@ def _canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor]
     `local_by_name` maps the model's parameter names to tensors shaped like the parameters
     (the parameters, their fp32 masters or optimizer moments)."""
     from torch.distributed.tensor import DTensor, Shard
-
-    from longtrain.model.sharding import canonical_shapes, shard_specs
 
     tp, tp_rank = model.shape.tp, model.tp_rank
     shapes = canonical_shapes(model)
@@ -196,36 +192,6 @@ def _canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor]
             out[name] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
                                            shape=torch.Size(full), stride=stride)
     return out
-
-
-def _ensure_adam_state(optimizer: "Optimizer") -> None:
-    """Zero moments for parameters that have not been stepped yet (a checkpoint at step 0)."""
-    for m in optimizer.master:
-        state = optimizer.inner.state[m]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-
-
-def _train_state_dict(model: "LlamaModel", optimizer: "Optimizer", *, mesh,
-                      rank_key: str) -> dict[str, Any]:
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    by_param = {id(p): m for p, m in zip(optimizer.params, optimizer.master)}
-    params = dict(model.named_parameters())
-    master = {n: by_param[id(params[n])] for n in names}
-    _ensure_adam_state(optimizer)
-    sd: dict[str, Any] = {}
-    for name, view in _canonical_views(model, master, mesh=mesh).items():
-        sd[f"model.{name}"] = view
-    for moment in _MOMENTS:
-        moments = {n: optimizer.inner.state[master[n]][moment] for n in names}
-        for name, view in _canonical_views(model, moments, mesh=mesh).items():
-            sd[f"optim.{moment}.{name}"] = view
-    # AdamW's step count is the same for every parameter: one scalar.
-    sd["optim.step"] = optimizer.inner.state[master[names[0]]]["step"].detach().clone().cpu()
-    sd[rank_key] = torch.get_rng_state()
-    return sd
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,16 +241,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "Optimizer",
-                     runtime: "ParallelRuntime", keep: int, meta: dict[str, Any]) -> str:
-    """Write the full training state at `step` under `root` (a collective: every rank calls
-    it); returns the checkpoint's path. `meta` (configs, data position, ...) goes into the
-    manifest. Keeps the newest `keep` checkpoints."""
+def write_checkpoint(root: str, *, step: int, state_dict: dict[str, Any], rank: int,
+                     layout: dict[str, int], meta: dict[str, Any], keep: int) -> str:
+    """Write `state_dict` (each rank's part, DTensors where sharded) as the checkpoint of
+    `step` under `root`: a collective, every rank calls it. It is written to a hidden
+    directory, given its manifest, and renamed into place only when complete; the newest
+    `keep` checkpoints are kept. Returns its path."""
     import torch.distributed.checkpoint as dcp
 
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
-    is_coordinator = runtime.rank == 0
+    is_coordinator = rank == 0
     t0 = time.perf_counter()
     if is_coordinator:
         os.makedirs(root, exist_ok=True)
@@ -294,24 +261,15 @@ def save_train_state(root: str, *, step: int, model: "LlamaModel", optimizer: "O
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _barrier()
     try:
-        # ZeRO: the shards gathered into full per-parameter state, as the plain optimizer has
-        with optimizer.materialized():
-            sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime),
-                                   rank_key=f"rng.rank{runtime.rank}")
-            dcp.save(sd, checkpoint_id=tmp)
+        dcp.save(state_dict, checkpoint_id=tmp)
     except BaseException:
         if is_coordinator:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()
     if is_coordinator:
-        dims = runtime.dims
-        _write_manifest(tmp, {
-            "format": FORMAT, "step": step, "created": time.time(),
-            "layout": {"world_size": dims.world_size, "tp": dims.tp, "cp": dims.cp,
-                       "dp": dims.dp},
-            "model": dataclasses.asdict(model.cfg), "weights_only": False, **meta,
-        })
+        _write_manifest(tmp, {"format": FORMAT, "step": step, "created": time.time(),
+                              "layout": layout, "weights_only": False, **meta})
         _commit(tmp, final)
         removed = prune(root, keep=keep)
         get_logger().info("saved checkpoint %s in %.2f s%s", final, time.perf_counter() - t0,
@@ -344,41 +302,6 @@ def write_weights_checkpoint(path: str, tensors: dict[str, torch.Tensor], *,
 
 # ---------------------------------------------------------------------------------------
 # load
-
-
-def load_train_state(path: str, *, model: "LlamaModel", optimizer: "Optimizer",
-                     runtime: "ParallelRuntime") -> dict[str, Any]:
-    """Restore model, optimizer and (same world size) RNG from the checkpoint at `path` into
-    this rank's layout, whatever layout saved it (a collective). Returns the manifest."""
-    import torch.distributed.checkpoint as dcp
-
-    manifest = read_manifest(path)
-    if manifest.get("weights_only"):
-        raise CheckpointError(f"checkpoint {path!r} holds weights only (no optimizer state): "
-                              f"start from it with init.from={path}, not by resuming")
-    diffs = model_mismatch(manifest, model.cfg)
-    if diffs:
-        raise CheckpointError(f"checkpoint {path!r} was saved from another model: "
-                              + "; ".join(diffs))
-    same_world = manifest["layout"]["world_size"] == runtime.dims.world_size
-    rank_key = f"rng.rank{runtime.rank}"
-    # ZeRO: loaded into full per-parameter state, then written back into the shards
-    with optimizer.materialized(load=True):
-        sd = _train_state_dict(model, optimizer, mesh=_tp_mesh(runtime), rank_key=rank_key)
-        if not same_world:
-            # Per-rank RNG streams do not map onto another world size; the loop reseeds.
-            del sd[rank_key]
-        step_tensor = sd["optim.step"]
-        dcp.load(sd, checkpoint_id=path)
-        for m in optimizer.master:
-            optimizer.inner.state[m]["step"] = step_tensor.clone()
-        if same_world:
-            torch.set_rng_state(sd[rank_key])
-        if optimizer.mixed:
-            with torch.no_grad():
-                for p, m in zip(optimizer.params, optimizer.master):
-                    p.copy_(m.to(p.dtype))
-    return manifest
 
 
 @contextmanager

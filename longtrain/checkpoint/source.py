@@ -12,8 +12,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from longtrain.checkpoint.hf import open_hf_weights, read_hf_config
+from longtrain.checkpoint.native import (CheckpointError, find_checkpoint, is_native_checkpoint,
+                                         manifest_configs, open_native_weights, read_manifest)
 from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
-from longtrain.data.tokenizer import BYTE, has_tokenizer
+from longtrain.data.tokenizer import (BYTE, has_tokenizer, load_tokenizer, same_vocabulary,
+                                      tokenizer_problems)
 
 __all__ = ["open_source_weights", "read_model_source", "source_kind", "source_problems",
            "source_tokenizer", "tokenizer_warnings"]
@@ -21,15 +25,11 @@ __all__ = ["open_source_weights", "read_model_source", "source_kind", "source_pr
 
 def source_kind(path: str) -> str:
     """"native" for a longtrain checkpoint (or a directory of them), "hf" otherwise."""
-    from longtrain.checkpoint.native import is_native_checkpoint
-
     return "native" if is_native_checkpoint(path) else "hf"
 
 
 def source_problems(path: str, *, field: str) -> list[str]:
     """What is wrong with `path` as a weight source, as messages naming `field`."""
-    from longtrain.checkpoint.native import CheckpointError, find_checkpoint
-
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         return [f"{field}={path!r} {what} (expected a Hugging Face model directory or a "
@@ -49,10 +49,7 @@ def source_problems(path: str, *, field: str) -> list[str]:
 def read_model_source(path: str) -> tuple[ModelConfig, RopeConfig]:
     """The model and RoPE configuration stored with the weights at `path`."""
     if source_kind(path) == "native":
-        from longtrain.checkpoint.native import find_checkpoint, manifest_configs, read_manifest
-
         return manifest_configs(read_manifest(find_checkpoint(path)))
-    from longtrain.checkpoint.hf import read_hf_config
 
     return read_hf_config(path)
 
@@ -62,8 +59,6 @@ def source_tokenizer(path: str) -> Optional[str]:
     Hugging Face directory holding tokenizer files -> its absolute path; a native checkpoint
     -> the tokenizer its run trained with (its manifest records it); None when unknown."""
     if source_kind(path) == "native":
-        from longtrain.checkpoint.native import find_checkpoint, read_manifest
-
         data = read_manifest(find_checkpoint(path)).get("data")
         recorded = data.get("tokenizer") if isinstance(data, dict) else None
         if recorded == BYTE:
@@ -83,9 +78,7 @@ def _same_path(a: str, b: str) -> bool:
 def tokenizer_warnings(cfg: RunConfig) -> list[str]:
     """Warnings about `data.tokenizer` (resolved by `apply_init_from`) against the tokenizer
     `init.from` was trained with: another vocabulary, or none known. Ids that do not fit the
-    embedding are an error of `longtrain.config.validate` instead."""
-    from longtrain.data.tokenizer import load_tokenizer, same_vocabulary, tokenizer_problems
-
+    embedding are an error of `longtrain.planning.validate` instead."""
     path, spec = cfg.init_from, cfg.data.tokenizer
     if not path or tokenizer_problems(spec):
         return []
@@ -114,12 +107,9 @@ def tokenizer_warnings(cfg: RunConfig) -> list[str]:
 def open_source_weights(path: str) -> Iterator[Callable[[str], torch.Tensor]]:
     """A getter of canonical (Hugging Face-named, full) tensors, valid inside the block."""
     if source_kind(path) == "native":
-        from longtrain.checkpoint.native import open_native_weights
-
         with open_native_weights(path) as get:
             yield get
         return
-    from longtrain.checkpoint.hf import open_hf_weights
 
     with open_hf_weights(path) as get:
         yield get

@@ -374,7 +374,7 @@ class MemoryConfig:
 @dataclass
 class ClusterConfig:
     """The hardware `--check` predicts the step time on and recommends a layout for
-    (longtrain.parallel.costmodel); nothing else reads it."""
+    (longtrain.planning.costmodel); nothing else reads it."""
 
     # none (no prediction) | h100-8x8-ib400 (8 nodes x 8 H100 SXM, NVLink, one 400 Gb/s
     # InfiniBand NIC per GPU) | h100-1x8 (one such node) | cpu-local (this CPU machine as 2

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 from longtrain.config.schema import DataConfig
+from longtrain.data.packed import open_packed
 from longtrain.data.prefetch import prefetch
 from longtrain.data.streaming import StreamCursor
 from longtrain.data.synthetic import (TASKS, packed_task_tokens, task_answer_mask, task_problems,
@@ -145,7 +146,6 @@ def global_batch(cfg: DataConfig, indices: list[int], *,
                            tokenizer=tok), None
     if cfg.streaming:
         return (cursor if cursor is not None else stream_cursor(cfg)).batch(indices)
-    from longtrain.data.packed import open_packed
 
     if cfg.packed is None:
         raise ValueError(f"data.source={cfg.source!r} reads a packed corpus, and data.packed is "

@@ -6,7 +6,7 @@ of a directory `transformers.AutoTokenizer` reads (usually the checkpoint's), lo
 Both expose encode / encode_batch / decode, bos_id / eos_id / pad_id and vocab_size.
 
 `"auto"` (the default of `data.tokenizer`) is resolved against `init.from` before training
-(`longtrain.checkpoint.hf.apply_init_from`); with no `init.from` it is the byte tokenizer.
+(`longtrain.planning.resolve.apply_init_from`); with no `init.from` it is the byte tokenizer.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from longtrain.checkpoint.source import read_model_source
 from longtrain.config.eval_schema import EvalRunConfig
 from longtrain.config.schema import DataConfig
 from longtrain.data.eval_tasks import make_eval_prompts
@@ -26,6 +27,8 @@ from longtrain.data.tokenizer import load_tokenizer
 from longtrain.eval.scoring import Forward, LossSum, predict_answer, sequence_nll
 from longtrain.observability.log import get_logger
 from longtrain.parallel.runtime import ParallelRuntime
+from longtrain.train.build import attention_context, load_weights, make_model
+from longtrain.train.loss import token_loss_sum
 
 # Synthetic samples are a function of (data.seed, index) and training reads indices 0, 1, 2,
 # ...: perplexity sequences start far above, so they were never trained on by a run of fewer
@@ -143,22 +146,11 @@ def evaluate_with(forward: Forward, *, cfg: EvalRunConfig, loss_sum: LossSum,
 def evaluate_rank(cfg: EvalRunConfig, runtime: ParallelRuntime) -> dict[str, Any]:
     """Load `cfg.checkpoint` as this rank's TP shard and run `evaluate_with` on it (every rank
     of the world calls this; the result is the same everywhere)."""
-    from longtrain.attention.plan import model_attention
-    from longtrain.checkpoint.source import open_source_weights, read_model_source
-    from longtrain.model.llama import LlamaModel
-    from longtrain.model.sharding import load_canonical
-    from longtrain.train.loop import attention_context, param_dtype
-    from longtrain.train.loss import token_loss_sum
-
     if cfg.checkpoint is None:
         raise ValueError("checkpoint is not set")
     model_cfg, rope = read_model_source(cfg.checkpoint)
-    softmax, linear = model_attention(cfg.attention, model_cfg)
-    model = LlamaModel(model_cfg, rope, attention=softmax, linear_attention=linear,
-                       tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
-                       dtype=param_dtype(cfg.precision), device=runtime.device)
-    with open_source_weights(cfg.checkpoint) as get:
-        load_canonical(model, get)
+    model = make_model(model_cfg, rope, cfg.attention, runtime=runtime, precision=cfg.precision)
+    load_weights(model, cfg.checkpoint)
     model.eval()
     ctx = attention_context(runtime)
 

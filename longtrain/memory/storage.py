@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from longtrain_kernels.int8_quant import dequantize, quantize
+
 # Below this many elements a tensor is stored as is: the scale overhead and the call cost
 # outweigh the saving.
 _MIN_QUANT_NUMEL = 1024
@@ -60,8 +62,6 @@ class _Int8:
     __slots__ = ("q", "scale", "shape", "dtype", "device", "group_size", "kernels")
 
     def __init__(self, x: torch.Tensor, group_size: int, offload: bool, kernels: str) -> None:
-        from longtrain_kernels.int8_quant import quantize
-
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
         self.group_size, self.kernels = group_size, kernels
         q, scale = quantize(x.detach(), group_size, backend=kernels)
@@ -71,8 +71,6 @@ class _Int8:
         return self.q.numel() + 4 * self.scale.numel()
 
     def unpack(self) -> torch.Tensor:
-        from longtrain_kernels.int8_quant import dequantize
-
         q = self.q.to(self.device, non_blocking=True)
         scale = self.scale.to(self.device, non_blocking=True)
         return dequantize(q, scale, shape=self.shape, dtype=self.dtype,

@@ -12,7 +12,6 @@ any TP size computes the same function.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,35 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtrain.attention.pattern import layer_kinds, pattern_problems
-from longtrain.attention.plan import is_linear_backend
+from longtrain.attention.linear import head_log_decay
+from longtrain.attention.linear import linear_attention as by_name
 from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta
-from longtrain.config.schema import ModelConfig, RopeConfig, RunConfig
-from longtrain.memory.functions import rms_norm, swiglu, swiglu_down
-from longtrain.memory.recompute import checkpointed
-from longtrain.memory.storage import ActivationStore, null_store
+from longtrain.config.pattern import layer_kinds
+from longtrain.config.schema import ModelConfig, RopeConfig
+from longtrain.memory.functions import rms_norm, swiglu
 from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
 
-
 FEATURE_MAPS = {"silu": F.silu, "elu1": lambda x: F.elu(x) + 1.0, "identity": lambda x: x}
-
-
-def apply_layer_pattern(cfg: RunConfig) -> RunConfig:
-    """Make the layer kinds explicit in the config a run saves with its checkpoints: with
-    attention=lasp1|lasp2 and no pattern every layer is linear ("L"). A model with linear
-    layers has no Hugging Face equivalent, so `train.save_hf` is turned off (said once)."""
-    if not pattern_problems(cfg.model.layer_pattern) and not cfg.model.layer_pattern \
-            and is_linear_backend(cfg.attention.backend):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_pattern="L"))
-    if cfg.train.save_hf and not pattern_problems(cfg.model.layer_pattern) \
-            and "linear" in layer_kinds(cfg.model):
-        from longtrain.observability.log import get_logger
-
-        get_logger().warning("model.layer_pattern=%r has linear-attention layers, which "
-                             "transformers cannot load: no Hugging Face export at the end (the "
-                             "native checkpoint has the weights)", cfg.model.layer_pattern)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_hf=False))
-    return cfg
 
 
 @dataclass(frozen=True)
@@ -149,16 +128,6 @@ def _heads(qkv_btx: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, ...]:
             v.view(b, t, s.local_kv_heads, d))
 
 
-def _core_attention(module: nn.Module, core, q_bthd: torch.Tensor, k_bthd: torch.Tensor,
-                    v_bthd: torch.Tensor) -> torch.Tensor:
-    """core(q, k, v) under the module's memory policy: inside the store's attention rule (only
-    head-dim tensors are quantized), recomputed in the backward when `recompute_core`."""
-    with module.store.attention(q_bthd.shape[-1]):
-        if module.recompute_core:
-            return checkpointed(core, q_bthd, k_bthd, v_bthd)
-        return core(q_bthd, k_bthd, v_bthd)
-
-
 class Attention(nn.Module):
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
                  tp_rank: int = 0) -> None:
@@ -167,15 +136,7 @@ class Attention(nn.Module):
         self.attention = attention
         # this rank's first global head (head-dependent patterns: s2)
         self.head_offset = tp_rank * shape.local_heads
-        # Parity canary (attention.check_every): armed for one call by `arm_parity_check`.
-        self.parity_tol: Optional[float] = None
-        self.parity_armed = False
-        self.last_parity_error: Optional[float] = None
         self.qkv, self.out = _attention_projections(shape, mp_config)
-        # memory policy (LlamaModel.set_memory): the store saved tensors go through, and
-        # whether the core attention is recomputed in the backward
-        self.store = null_store()
-        self.recompute_core = False
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
@@ -189,16 +150,7 @@ class Attention(nn.Module):
         k_bthd = apply_rotary(k, cos_btd, sin_btd)
         if self.head_offset:
             meta = dataclasses.replace(meta, head_offset=self.head_offset)
-        o_bthd = _core_attention(self, lambda q_, k_, v_: self.attention(q_, k_, v_, meta, ctx),
-                                 q_bthd, k_bthd, v_bthd)
-        if self.parity_armed:
-            from longtrain.attention.canary import check_parity
-
-            self.parity_armed = False
-            self.last_parity_error = check_parity(
-                q_bthd, k_bthd, v_bthd, o_bthd, meta, ctx, tol=self.parity_tol,
-                backend=getattr(self.attention, "__name__", str(self.attention)),
-                where="the first softmax layer")
+        o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
         out, _ = self.out(o_bthd.reshape(b, t, s.local_heads * d))
         return out
 
@@ -215,8 +167,6 @@ class LinearAttention(nn.Module):
         from megatron.core.tensor_parallel import (ColumnParallelLinear,
                                                    set_tensor_model_parallel_attributes)
 
-        from longtrain.attention.linear import head_log_decay
-
         cfg = shape.cfg
         self.shape = shape
         self.linear_attention = linear_attention
@@ -230,8 +180,6 @@ class LinearAttention(nn.Module):
         first = tp_rank * shape.local_heads
         decay = head_log_decay(cfg.num_heads, cfg.linear_decay)[first:first + shape.local_heads]
         self.register_buffer("log_decay", decay.to(device), persistent=False)
-        self.store = null_store()
-        self.recompute_core = False
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
@@ -243,9 +191,7 @@ class LinearAttention(nn.Module):
         q_bthd = self.feature_map(q) * s.head_dim ** -0.5
         k_bthd = self.feature_map(k).repeat_interleave(group, 2)
         v_bthd = v.repeat_interleave(group, 2)
-        o_bthd = _core_attention(
-            self, lambda q_, k_, v_: self.linear_attention(q_, k_, v_, self.log_decay, meta, ctx),
-            q_bthd, k_bthd, v_bthd)
+        o_bthd = self.linear_attention(q_bthd, k_bthd, v_bthd, self.log_decay, meta, ctx)
         o32 = o_bthd.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + s.cfg.norm_eps)
         gate, _ = self.gate(x_bth)
@@ -270,18 +216,10 @@ class MLP(nn.Module):
             cfg.intermediate_size, cfg.hidden_size, config=mp_config, init_method=_skip_init,
             bias=False, input_is_parallel=True, skip_bias_add=False,
         )
-        # memory.checkpointing=selective: the SwiGLU product is recomputed in the backward
-        # instead of being kept for the down projection's weight gradient
-        self.recompute_product = False
 
     def forward(self, x_bth: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x_bth)
         gate, up = gate_up.chunk(2, dim=-1)
-        if self.recompute_product:
-            from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-            return reduce_from_tensor_model_parallel_region(
-                swiglu_down(gate, up, self.down.weight))
         out, _ = self.down(swiglu(gate, up))
         return out
 
@@ -336,8 +274,6 @@ class LlamaModel(nn.Module):
         # (at cp=1 every method is the plain lightning attention)
         self.layer_kinds = layer_kinds(cfg, linear_default=linear_attention is not None)
         if linear_attention is None and "linear" in self.layer_kinds:
-            from longtrain.attention.linear import linear_attention as by_name
-
             linear_attention = by_name("lasp2")
         # one softmax backend for every layer, or one per layer (s2 keeps some layers dense)
         per_layer = attention if isinstance(attention, (list, tuple)) else \
@@ -360,35 +296,6 @@ class LlamaModel(nn.Module):
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
         _mark_tensor_parallel(self)
-        self.store = null_store()
-        self.checkpointing = "none"
-
-    def set_memory(self, store: ActivationStore, checkpointing: str = "none") -> None:
-        """Use `store` for every saved tensor and recompute as `checkpointing` says (none |
-        selective: core attention and the SwiGLU product | full: every decoder layer)."""
-        if checkpointing not in ("none", "selective", "full"):
-            raise ValueError(f"memory.checkpointing={checkpointing!r} is not one of "
-                             f"['none', 'selective', 'full']")
-        self.store, self.checkpointing = store, checkpointing
-        for layer in self.layers:
-            layer.attn.store = store
-            layer.attn.recompute_core = checkpointing == "selective"
-            layer.mlp.recompute_product = checkpointing == "selective"
-
-    def _parity_layer(self) -> Optional[Attention]:
-        """The first softmax attention layer (the one the parity canary watches)."""
-        return next((layer.attn for layer in self.layers if layer.kind == "softmax"), None)
-
-    def arm_parity_check(self, *, tol: Optional[float]) -> None:
-        """Compare the first softmax layer's next attention call with dense attention (see
-        attention.canary); a model without softmax layers has nothing to check."""
-        attn = self._parity_layer()
-        if attn is not None:
-            attn.parity_armed, attn.parity_tol, attn.last_parity_error = True, tol, None
-
-    def parity_error(self) -> Optional[float]:
-        attn = self._parity_layer()
-        return None if attn is None else attn.last_parity_error
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
@@ -407,18 +314,14 @@ class LlamaModel(nn.Module):
         q_scale_bt = query_scale(rope, positions_bt,
                                  max_position_embeddings=self.cfg.max_position_embeddings)
         meta = AttentionMeta(causal=True, positions_bt=positions_bt, doc_ids_bt=doc_ids_bt)
-        full = self.checkpointing == "full" and torch.is_grad_enabled()
-        with self.store.forward():
-            self.store.share(cos_btd, sin_btd)
-            x_bth = self.embed(tokens_bt)
-            for i, layer in enumerate(self.layers):
-                scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
-                run = functools.partial(layer, cos_btd=cos_btd, sin_btd=sin_btd, meta=meta,
-                                        ctx=ctx, q_scale_bt=q_scale_bt if scaled else None)
-                x_bth = checkpointed(run, x_bth) if full else run(x_bth)
-            x_bth = self.final_norm(x_bth)
-            weight = self.embed.weight if self.cfg.tie_embeddings else None
-            logits, _ = self.head(x_bth, weight=weight)
+        x_bth = self.embed(tokens_bt)
+        for i, layer in enumerate(self.layers):
+            scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
+            x_bth = layer(x_bth, cos_btd=cos_btd, sin_btd=sin_btd, meta=meta, ctx=ctx,
+                          q_scale_bt=q_scale_bt if scaled else None)
+        x_bth = self.final_norm(x_bth)
+        weight = self.embed.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.head(x_bth, weight=weight)
         if self._num_padded_logits:
             logits = logits.clone()
             logits[..., -self._num_padded_logits:] = float("-inf")

@@ -16,6 +16,10 @@ Shape legend:
     h  attention heads
     d  head_dim (rotated dimension; always the full head)
     f  head_dim // 2 rotary frequencies
+
+Over 450 lines on purpose: the scaling table (`_SCALINGS`) is read by the frequencies, the
+validation and the transformers conversion alike; split, the conversion would import the
+table's private names from here.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ group size, n bytes (ring algorithms):
     all_to_all(n)     = (c-1) (L + n / (c B))        n = the buffer each rank holds
 
 The attention backends' communication models (`BackendSpec.comm`) are written with these;
-`longtrain.parallel.costmodel` composes them into a step.
+`longtrain.planning.costmodel` composes them into a step.
 """
 
 from __future__ import annotations

@@ -14,59 +14,24 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from longtrain.attention.plan import cp_group_sizes, model_attention
-from longtrain.attention.types import AttentionContext
+from longtrain.attention.canary import ParityCanary
+from longtrain.attention.canary import install as install_canary
+from longtrain.attention.plan import cp_group_sizes
+from longtrain.checkpoint.native import resolve_resume
+from longtrain.config.schedule import Stage, stage_at, stage_config, stages
 from longtrain.config.schema import RunConfig
 from longtrain.data.loader import check_resume, data_state, iterate, prefetched
 from longtrain.model.llama import LlamaModel
-from longtrain.model.sharding import init_weights, load_canonical
 from longtrain.observability.log import get_logger
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.runtime import ParallelRuntime, remesh
 from longtrain.parallel.watch import (CollectiveError, collective, describe_failure,
                                       is_communication_failure, set_phase, track_modules)
+from longtrain.train.build import attention_context, build_model, param_dtype
 from longtrain.train.loss import reduce_sum, token_loss_sum
 from longtrain.train.metrics import StepMetrics
 from longtrain.train.optim import Optimizer, make_optimizer
-from longtrain.train.schedule import Stage, stage_at, stage_config, stages
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def param_dtype(precision: str) -> torch.dtype:
-    if precision not in _DTYPES:
-        raise ValueError(f"train.precision={precision!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[precision]
-
-
-def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True) -> LlamaModel:
-    """This rank's model shard with its weights: from `init.from` or seeded (`weights=False`:
-    left uninitialized, for a checkpoint to fill)."""
-    softmax, linear = model_attention(cfg.attention, cfg.model)
-    model = LlamaModel(cfg.model, cfg.rope, attention=softmax, linear_attention=linear,
-                       tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
-                       dtype=param_dtype(cfg.train.precision), device=runtime.device)
-    from longtrain.memory import store_for
-
-    model.set_memory(store_for(cfg.memory, model.parameters(), kernels=cfg.train.kernels),
-                     cfg.memory.checkpointing)
-    if not weights:
-        return model
-    if cfg.init_from:
-        from longtrain.checkpoint.source import open_source_weights
-
-        with open_source_weights(cfg.init_from) as get:
-            load_canonical(model, get)
-    else:
-        init_weights(model, seed=cfg.train.seed)
-    return model
-
-
-def attention_context(runtime: ParallelRuntime, *, kernels: str = "auto") -> AttentionContext:
-    """This rank's place in the CP groups and the kernels setting (`train.kernels`)."""
-    return AttentionContext(cp_group=runtime.cp_group, cp_size=runtime.dims.cp,
-                            cp_rank=runtime.cp_rank, ulysses_group=runtime.ulysses_group,
-                            ring_group=runtime.ring_group, kernels=kernels)
+from longtrain.train.state import load_train_state, save_train_state
 
 
 @dataclass
@@ -81,13 +46,13 @@ class TrainState:
     # set from another thread (the worker's stop request): save and stop after this step
     stop_requested: threading.Event = field(default_factory=threading.Event)
     stopped: bool = False
+    # the parity canary round the first softmax layer (attention.check_every > 0)
+    canary: Optional[ParityCanary] = None
 
     @classmethod
     def create(cls, cfg: RunConfig, runtime: ParallelRuntime) -> "TrainState":
         """The model and optimizer at `checkpoint.resume` (any saved layout), or fresh ones
         (seeded or from `init.from`) at step 0."""
-        from longtrain.checkpoint.native import load_train_state, resolve_resume
-
         torch.manual_seed(cfg.train.seed)
         resume = resolve_resume(cfg.checkpoint.resume, checkpoint_dir=cfg.checkpoint_dir)
         model = build_model(cfg, runtime, weights=resume is None)
@@ -97,7 +62,8 @@ class TrainState:
                                    runtime=runtime,
                                    micro_batches=cfg.data.batch_size // dims.dp
                                    // cfg.data.micro_batch_size)
-        state = cls(model, optimizer, runtime)
+        canary = install_canary(model) if cfg.attention.check_every > 0 else None
+        state = cls(model, optimizer, runtime, canary=canary)
         if resume is None:
             return state
         manifest = load_train_state(resume, model=model, optimizer=optimizer, runtime=runtime)
@@ -191,8 +157,6 @@ def _train_stage(cfg: RunConfig, state: TrainState, *, end_step: int, total_cfg:
                         timeout_s=cfg.parallel.timeout_s)) from exc
                 raise
             if stop or _should_save(total_cfg, state.step):
-                from longtrain.checkpoint.native import save_train_state
-
                 t_save = time.perf_counter()
                 save_train_state(total_cfg.checkpoint_dir, step=state.step, model=state.model,
                                  optimizer=state.optimizer, runtime=runtime,
@@ -241,7 +205,8 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
     optimizer.zero_grad()
     check = cfg.attention.check_every > 0 and state.step % cfg.attention.check_every == 0
     if check:
-        model.arm_parity_check(tol=cfg.attention.check_tol)
+        if state.canary is not None:
+            state.canary.arm(tol=cfg.attention.check_tol)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     for i, mb in enumerate(micro):
         logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
@@ -264,6 +229,6 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
                "grad_norm": stats["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / dt,
                "step_time_s": dt, "data_wait_s": t_data, "seq_len": cfg.data.seq_len}
     if check:
-        metrics["attn_parity_err"] = model.parity_error()
+        metrics["attn_parity_err"] = None if state.canary is None else state.canary.last_error
     observer.finish_step(cfg, metrics)
     return metrics

@@ -11,7 +11,7 @@ all-gather itself is not timed.
 
 Beside the peaks, every step carries the device's capacity (`mem_capacity_gib`), the
 planner's estimate for the configured memory policy (`mem_estimate_gib`,
-`longtrain.memory.planner`) and `memory.budget_gib` when set (`mem_budget_gib`).
+`longtrain.memory.estimate`) and `memory.budget_gib` when set (`mem_budget_gib`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtrain.memory.estimate import estimate_bytes
 from longtrain.model.flops import step_flops
 from longtrain.observability.resources import (PeakMemory, device_capacity_bytes,
                                                measure_gemm_tflops)
@@ -38,7 +39,6 @@ class StepMetrics:
         self.memory = PeakMemory(runtime.device)
         # this device's peak, TFLOP/s
         self.peak_tflops = cfg.logging.peak_tflops or measure_gemm_tflops(runtime.device, dtype)
-        from longtrain.memory.planner import estimate_bytes
 
         # what the measured peak is read against: constant for the run
         self.memory_refs = {"mem_capacity_gib": device_capacity_bytes(runtime.device) / _GIB,

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.config.schema import OptimConfig
-from longtrain.train.optim import decay_groups, lr_at
+from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
+from longtrain.train.lr import decay_groups, lr_at
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -71,8 +72,6 @@ class ZeroOptimizer:
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int, runtime: Any,
                  micro_batches: int) -> None:
-        from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
-
         ensure_deepspeed_comm()
         import deepspeed
 

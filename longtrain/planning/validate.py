@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import os
 
+from longtrain.attention.table import TABLE, attention_names, supports_cp
+from longtrain.checkpoint.export_dir import export_dir_problems
+from longtrain.checkpoint.native import (CheckpointError, find_checkpoint, model_mismatch,
+                                         read_manifest)
+from longtrain.checkpoint.source import source_problems as checkpoint_source_problems
 from longtrain.config.errors import ConfigError
+from longtrain.config.pattern import layer_kinds, pattern_problems
+from longtrain.config.schedule import schedule_problems, stage_config, stages
 from longtrain.config.schema import RunConfig
+from longtrain.data.loader import source_problems
+from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
+from longtrain.model.rope import rope_inv_freq
 from longtrain.parallel.dims import ParallelDims
+from longtrain.planning.cluster import cluster_problems
 
 _CHOICES = {
     "train.precision": ("fp32", "bf16"),
@@ -79,9 +90,6 @@ def _model_problems(cfg: RunConfig) -> list[str]:
 def _layer_problems(cfg: RunConfig) -> list[str]:
     """The layer pattern, then the backend's own problems (its spec's `problems`): for a
     hybrid / linear-attention model, which method runs which layer."""
-    from longtrain.attention.pattern import layer_kinds, pattern_problems
-    from longtrain.attention.table import TABLE
-
     m, a = cfg.model, cfg.attention
     out = pattern_problems(m.layer_pattern)
     spec = TABLE.get(a.backend)
@@ -94,8 +102,6 @@ def _layer_problems(cfg: RunConfig) -> list[str]:
 
 
 def _rope_problems(cfg: RunConfig) -> list[str]:
-    from longtrain.model.rope import rope_inv_freq
-
     m = cfg.model
     head_dim = m.head_dim or max(1, m.hidden_size // max(1, m.num_heads))
     if head_dim < 2 or head_dim % 2:
@@ -110,9 +116,6 @@ def _rope_problems(cfg: RunConfig) -> list[str]:
 
 
 def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
-    from longtrain.data.loader import source_problems
-    from longtrain.data.tokenizer import load_tokenizer, tokenizer_problems
-
     d, cp = cfg.data, cfg.parallel.cp
     out = source_problems(d)
     if not tokenizer_problems(d.tokenizer):
@@ -141,8 +144,6 @@ def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
 
 
 def problems(cfg: RunConfig) -> list[str]:
-    from longtrain.attention.table import attention_names, supports_cp
-
     dims = ParallelDims.from_config(cfg.parallel)
     out = dims.problems()
     out += _model_problems(cfg)
@@ -197,12 +198,9 @@ def problems(cfg: RunConfig) -> list[str]:
         out.append("init.from is not set, but this experiment starts from a checkpoint "
                    "(init.required=true): pass init.from=<Hugging Face model dir or longtrain checkpoint>")
     if cfg.init_from is not None:
-        from longtrain.checkpoint.source import source_problems
-
-        out += source_problems(str(cfg.init_from), field="init.from")
+        out += checkpoint_source_problems(str(cfg.init_from), field="init.from")
     out += _checkpoint_problems(cfg)
     out += _schedule_problems(cfg, out)
-    from longtrain.parallel.costmodel import cluster_problems
 
     out += cluster_problems(cfg)
     return out
@@ -216,9 +214,6 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
     if c.keep < 1:
         out.append(f"checkpoint.keep={c.keep} must be >= 1")
     if c.resume not in ("auto", "never"):
-        from longtrain.checkpoint.native import (CheckpointError, find_checkpoint,
-                                                 model_mismatch, read_manifest)
-
         try:
             manifest = read_manifest(find_checkpoint(c.resume))
             if manifest.get("weights_only"):
@@ -231,8 +226,6 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
         except CheckpointError as exc:
             out.append(f"checkpoint.resume: {exc}")
     if cfg.train.save_hf:
-        from longtrain.checkpoint.export_dir import export_dir_problems
-
         hf_dir = os.path.join(cfg.output_dir, "hf")
         # found now rather than when the export runs, after the whole training
         for found in export_dir_problems(hf_dir, field="<output_dir>/hf"):
@@ -244,8 +237,6 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
 def _schedule_problems(cfg: RunConfig, found: list[str]) -> list[str]:
     """Each stage's own layout and data shape (CP degree, seq_len vs 2*cp, batch vs dp),
     reported once per stage and only where they add to what the run itself already broke."""
-    from longtrain.train.schedule import schedule_problems, stage_config, stages
-
     out = schedule_problems(cfg)
     if out or not cfg.train.schedule:
         return out
@@ -253,7 +244,6 @@ def _schedule_problems(cfg: RunConfig, found: list[str]) -> list[str]:
         scfg = stage_config(cfg, stage)
         dims = ParallelDims.from_config(scfg.parallel)
         stage_found = dims.problems() + _data_problems(scfg, dims)
-        from longtrain.attention.table import supports_cp
 
         if stage.cp > 1 and not supports_cp(cfg.attention.backend):
             stage_found.append(f"attention.backend={cfg.attention.backend!r} does not support "

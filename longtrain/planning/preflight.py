@@ -1,7 +1,7 @@
 """`longtrain-train --check`: what a run would do, without starting anything.
 
 Prints the resolved layout (which global ranks form each TP / CP / DP group), the attention
-each layer runs, the memory estimate per device against the budget (longtrain.memory.planner)
+each layer runs, the memory estimate per device against the budget (longtrain.memory.estimate)
 and every violated constraint. Each section is printed when the settings it needs are valid.
 """
 
@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from longtrain.attention.plan import plan_layers
+from longtrain.checkpoint.source import source_kind, tokenizer_warnings
+from longtrain.config.pattern import pattern_problems
+from longtrain.memory.estimate import GIB, Policy, device_budget_bytes, estimates
 from longtrain.parallel.dims import ParallelDims
+from longtrain.planning.cluster import cluster_from_config
+from longtrain.planning.search import report_lines
+from longtrain.planning.validate import problems
 
 _MAX_GROUPS_SHOWN = 8
 # `--check` exit codes: 0 valid and fits; EXIT_BAD_INPUT a violated constraint (the code every
@@ -31,8 +38,6 @@ def _layout(cfg: Any) -> list[str]:
 
 def attention_lines(cfg: Any) -> list[str]:
     """The `--check` line naming the attention each layer runs (runs of equal layers joined)."""
-    from longtrain.attention.plan import plan_layers
-
     plan = plan_layers(cfg.attention, cfg.model, cp=cfg.parallel.cp, strict=False)
     per_layer = [p.label for p in plan]
     runs: list[str] = []
@@ -46,9 +51,6 @@ def attention_lines(cfg: Any) -> list[str]:
 
 
 def _memory(cfg: Any) -> tuple[list[str], bool]:
-    from longtrain.memory.planner import GIB, Policy, device_budget_bytes, estimates
-    from longtrain.parallel.costmodel import cluster_from_config
-
     import torch
 
     cluster = cluster_from_config(cfg)
@@ -86,8 +88,6 @@ def _original_length(cfg: Any) -> int:
 
 def describe_init_and_rope(cfg: Any) -> str:
     """One line: where the weights come from and what RoPE does to positions."""
-    from longtrain.checkpoint.source import source_kind
-
     source = cfg.init_from
     if not source:
         init = "init from scratch"
@@ -133,15 +133,11 @@ def rope_warnings(cfg: Any) -> list[str]:
 def check_report(cfg: Any) -> tuple[str, list[str], bool]:
     """(the report, the violated constraints, whether the configured memory policy's estimate
     fits the budget) for a typed RunConfig."""
-    from longtrain.config.validate import problems
-    from longtrain.model.llama import pattern_problems
-
     found = problems(cfg)
     dims = ParallelDims.from_config(cfg.parallel)
     lines = [f"longtrain-train --check: {cfg.model.name} model, seq_len {cfg.data.seq_len}, "
              f"micro_batch {cfg.data.micro_batch_size}, batch {cfg.data.batch_size}",
              describe_init_and_rope(cfg)]
-    from longtrain.checkpoint.source import tokenizer_warnings
 
     lines += [f"warning: {w}" for w in [*rope_warnings(cfg), *tokenizer_warnings(cfg)]]
     if not dims.problems():
@@ -152,7 +148,6 @@ def check_report(cfg: Any) -> tuple[str, list[str], bool]:
     if not found:
         memory_lines, fits = _memory(cfg)
         lines += memory_lines
-        from longtrain.parallel.costmodel import report_lines
 
         lines += report_lines(cfg)
     if found:

@@ -1,4 +1,5 @@
-"""The activation-memory model and `memory=auto`: the cheapest policy that fits a budget.
+"""The activation-memory model: each memory policy's per-rank bytes and relative step time
+(`memory=auto`, which picks among them, is longtrain.planning.memory).
 
 Legend (per TP rank): H hidden, q = local query heads x D, kv = local kv heads x D, I the
 local intermediate size, V the local vocabulary shard, e the activation element size (4 fp32,
@@ -40,10 +41,15 @@ attention forward, full the whole forward) over 3x the forward, int8 a measured 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
+
+import torch
+
+from longtrain.attention.plan import plan_layers
+from longtrain.config.schedule import stage_config, stages
+from longtrain.parallel.dims import ParallelDims
 
 GIB = float(1 << 30)
 # int8 storage's step-time overhead (quantize at save, dequantize at use): +3% to +11% in
@@ -94,8 +100,6 @@ class Shape:
 
     @classmethod
     def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
-        from longtrain.attention.plan import plan_layers
-
         m, tp, cp = cfg.model, cfg.parallel.tp, cfg.parallel.cp
         d = m.head_dim or m.hidden_size // m.num_heads
         t = seq_len or cfg.data.seq_len
@@ -184,13 +188,9 @@ def device_budget_bytes(cfg: Any) -> float:
     """memory.budget_gib, or the device's memory (CPU: this machine's RAM over the ranks on it)."""
     if cfg.memory.budget_gib is not None:
         return cfg.memory.budget_gib * GIB
-    import torch
-
     if torch.cuda.is_available():
         return float(torch.cuda.get_device_properties(0).total_memory)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    from longtrain.parallel.dims import ParallelDims
-
     return ram / max(1, min(ParallelDims.from_config(cfg.parallel).world_size,
                             os.cpu_count() or 1))
 
@@ -209,10 +209,6 @@ class Estimate:
 
 def estimates(cfg: Any, *, on_gpu: bool) -> list[Estimate]:
     """Every candidate policy's per-rank memory and relative cost (offload only on GPU)."""
-    from longtrain.parallel.dims import ParallelDims
-
-    from longtrain.train.schedule import stage_config, stages
-
     # a progressive schedule: each stage's length and CP; the largest need counts
     shapes = [Shape.of(stage_config(cfg, st)) for st in stages(cfg)]
     dims = ParallelDims.from_config(cfg.parallel)
@@ -230,43 +226,6 @@ def estimates(cfg: Any, *, on_gpu: bool) -> list[Estimate]:
     return out
 
 
-def choose(cfg: Any, *, on_gpu: Optional[bool] = None) -> tuple[Any, str]:
-    """(cfg with the chosen memory policy, a report of the candidates and the choice).
-
-    Raises ValueError naming the sizes when no candidate fits."""
-    if on_gpu is None:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    budget = device_budget_bytes(cfg)
-    table = sorted(estimates(cfg, on_gpu=on_gpu), key=lambda e: (e.cost, e.total))
-    fits = [e for e in table if e.total <= budget]
-    lines = [f"memory=auto: budget {budget / GIB:.2f} GiB per device; seq_len "
-             f"{cfg.data.seq_len}, micro_batch {cfg.data.micro_batch_size}, tp "
-             f"{cfg.parallel.tp}, cp {cfg.parallel.cp}",
-             f"  {'policy':<24} {'activations GiB':>15} {'static GiB':>10} {'total GiB':>9} "
-             f"{'time x':>6}  fits"]
-    for e in table:
-        lines.append(f"  {e.policy.name:<24} {e.activations / GIB:>15.3f} {e.static / GIB:>10.3f} "
-                     f"{e.total / GIB:>9.3f} {e.cost:>6.2f}  {'yes' if e.total <= budget else 'no'}")
-    if not fits:
-        best = min(table, key=lambda e: e.total)
-        raise ValueError(
-            f"memory=auto: no memory policy fits memory.budget_gib={budget / GIB:.2f} per device "
-            f"at data.seq_len={cfg.data.seq_len}, data.micro_batch_size="
-            f"{cfg.data.micro_batch_size}, parallel.tp={cfg.parallel.tp}, parallel.cp="
-            f"{cfg.parallel.cp}: the smallest, {best.policy.name}, needs "
-            f"{best.total / GIB:.2f} GiB; raise parallel.cp or parallel.tp, or lower "
-            f"data.micro_batch_size\n" + "\n".join(lines))
-    pick = fits[0]
-    lines.append(f"  chosen: {pick.policy.name} -- the fastest estimate that fits "
-                 f"({pick.total / GIB:.2f} of {budget / GIB:.2f} GiB)")
-    memory = dataclasses.replace(cfg.memory, activations=pick.policy.activations,
-                                 checkpointing=pick.policy.checkpointing,
-                                 offload=pick.policy.offload, auto=False)
-    return dataclasses.replace(cfg, memory=memory), "\n".join(lines)
-
-
 def configured_policy(cfg: Any, *, on_gpu: bool) -> Policy:
     """The policy `memory.*` configures (offload only counts on GPU)."""
     return Policy(cfg.memory.activations, cfg.memory.checkpointing,
@@ -278,21 +237,3 @@ def estimate_bytes(cfg: Any, *, on_gpu: bool) -> float:
     largest stage)."""
     policy = configured_policy(cfg, on_gpu=on_gpu)
     return next(e for e in estimates(cfg, on_gpu=on_gpu) if e.policy == policy).total
-
-
-def over_budget_warning(cfg: Any, *, on_gpu: Optional[bool] = None) -> Optional[str]:
-    """A line saying the configured policy's estimate exceeds the device memory, or None."""
-    if on_gpu is None:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    policy = configured_policy(cfg, on_gpu=on_gpu)
-    mine = estimate_bytes(cfg, on_gpu=on_gpu)
-    budget = device_budget_bytes(cfg)
-    if mine <= budget:
-        return None
-    fits = [e for e in estimates(cfg, on_gpu=on_gpu) if e.total <= budget]
-    hint = (f"memory=auto would pick {min(fits, key=lambda e: e.cost).policy.name}" if fits
-            else "no memory policy fits: raise parallel.cp or parallel.tp")
-    return (f"memory estimate {mine / GIB:.2f} GiB per device for memory "
-            f"{policy.name} exceeds {budget / GIB:.2f} GiB ({hint})")

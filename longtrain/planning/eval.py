@@ -2,7 +2,7 @@
 driver-side preparation (the checkpoint's model config, a packed perplexity corpus).
 
 The parallel layout, attention, model-vs-TP and tokenizer-vs-vocabulary checks are the
-training validator's (`longtrain.config.validate.problems`), run on a RunConfig built from the
+training validator's (`longtrain.planning.validate.problems`), run on a RunConfig built from the
 eval config and the checkpoint's model; only the evaluation's own fields are checked here.
 """
 
@@ -12,14 +12,20 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from longtrain.checkpoint.source import (read_model_source, source_kind, source_problems,
+                                         source_tokenizer)
 from longtrain.config.errors import ConfigError
 from longtrain.config.eval_schema import EVAL_BACKENDS, EvalConfig, EvalRunConfig
 from longtrain.config.schema import (AttentionConfig, DataConfig, ModelConfig, ParallelConfig,
                                      RopeConfig, RunConfig, TrainConfig)
+from longtrain.data.loader import source_problems as data_source_problems
+from longtrain.data.packed import PackedCorpus
+from longtrain.data.prepare import prepare_data
 from longtrain.data.synthetic import TASKS
-from longtrain.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_problems
+from longtrain.data.tokenizer import AUTO, BYTE, Tokenizer, load_tokenizer, tokenizer_problems
 from longtrain.eval.scoring import padded_length
 from longtrain.parallel.dims import ParallelDims
+from longtrain.planning.validate import problems
 
 PRECISIONS = ("fp32", "bf16")
 # data.seq_len of the RunConfig handed to the training validator: long enough for every
@@ -41,8 +47,6 @@ class EvalPlan:
 
 def _checkpoint_problems(cfg: EvalRunConfig
                          ) -> tuple[list[str], Optional[tuple[ModelConfig, RopeConfig]]]:
-    from longtrain.checkpoint.source import read_model_source, source_kind, source_problems
-
     path = cfg.checkpoint
     if not path:
         return ["checkpoint is not set: pass checkpoint=<a Hugging Face model directory or a "
@@ -99,13 +103,11 @@ def _grid_problems(ev: EvalConfig, tokenizer: Optional[Tokenizer]) -> list[str]:
 
 
 def _perplexity_data_problems(cfg: EvalRunConfig) -> list[str]:
-    from longtrain.data.loader import source_problems
-
     out: list[str] = []
     for n in cfg.eval.perplexity_lengths:
         if n < 1:
             continue
-        for problem in source_problems(dataclasses.replace(cfg.data, seq_len=n)):
+        for problem in data_source_problems(dataclasses.replace(cfg.data, seq_len=n)):
             # a length problem belongs to this perplexity length; the others name data fields
             if f"data.seq_len={n}" in problem:
                 problem = f"eval.perplexity_lengths ({n}): {problem}"
@@ -136,8 +138,6 @@ def as_run_config(cfg: EvalRunConfig, model: ModelConfig, rope: RopeConfig) -> R
 def eval_problems(cfg: EvalRunConfig) -> tuple[list[str], Optional[tuple[ModelConfig, RopeConfig]]]:
     """Every problem of `cfg` as a message naming fields and values, and the checkpoint's
     (model, rope) when it could be read."""
-    from longtrain.config.validate import problems
-
     out, source = _checkpoint_problems(cfg)
     tokenizer = None
     if not tokenizer_problems(cfg.data.tokenizer):
@@ -160,9 +160,6 @@ def eval_problems(cfg: EvalRunConfig) -> tuple[list[str], Optional[tuple[ModelCo
 
 def _prepare_perplexity_data(cfg: EvalRunConfig) -> EvalRunConfig:
     """Tokenize and pack a files / hf corpus once, here on the driver (as training does)."""
-    from longtrain.data.packed import PackedCorpus
-    from longtrain.data.prepare import prepare_data
-
     ev = cfg.eval
     if not ev.perplexity_lengths or cfg.data.source == "synthetic" or cfg.data.streaming:
         return cfg
@@ -180,9 +177,6 @@ def _prepare_perplexity_data(cfg: EvalRunConfig) -> EvalRunConfig:
 
 def _resolve_tokenizer(cfg: EvalRunConfig) -> EvalRunConfig:
     """`data.tokenizer=auto`: the checkpoint's tokenizer when it has one, else byte."""
-    from longtrain.checkpoint.source import source_problems, source_tokenizer
-    from longtrain.data.tokenizer import AUTO, BYTE
-
     if cfg.data.tokenizer != AUTO or not cfg.checkpoint \
             or source_problems(cfg.checkpoint, field="checkpoint"):
         return cfg

@@ -75,7 +75,7 @@ def apply_schedule(cfg: RunConfig) -> RunConfig:
 
 def schedule_problems(cfg: RunConfig) -> list[str]:
     """The schedule's own fields; each stage's layout and data shape is then checked by
-    validating its `stage_config` (see longtrain.config.validate)."""
+    validating its `stage_config` (see longtrain.planning.validate)."""
     out = []
     for i, s in enumerate(cfg.train.schedule):
         where = f"train.schedule[{i}]"
