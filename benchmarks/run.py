@@ -47,6 +47,7 @@ BENCHES = (
           ("--seq-len", "8192", "--models", "tiny,125m:ring", "--warmup", "1", "--steps", "2"),
           plot=True),
     Bench("memory", ("--quick",), ()),
+    Bench("memory_scaling", ("--quick",), ()),
     Bench("data", ("--quick",), ()),
     Bench("lasp", ("--quick",), ("--reps", "3")),
     Bench("s2", ("--quick",), ("--reps", "3")),

@@ -41,7 +41,8 @@ def _rows(suite, key: str):
 def test_quick_suite_writes_every_section_and_a_summary(quick_suite):
     text, _, plots, _ = quick_suite
     assert "kept text" in text
-    keys = ("summary", "attention", "e2e", "memory", "data", "lasp", "s2", "costmodel")
+    keys = ("summary", "attention", "e2e", "memory", "memory_scaling", "data", "lasp", "s2",
+            "costmodel")
     for key in keys:
         assert text.count(f"<!-- {key}:begin -->") == 1 and f"<!-- {key}:end -->" in text, key
     # the summary comes first and names the machine, every benchmark and the targets
@@ -178,3 +179,18 @@ def test_quick_memory_benchmark_measures_every_policy(quick_suite):
     assert check["length"] == fits[("int8+full", 2)]["planner"] and check["error"] is None
     assert check["peak_mib"] > 0 if check["ran"] else check["estimate_s"] > 60
     assert "int8 vs none: activation-memory cut" in text and "Method:" in text
+
+
+@pytest.mark.slow
+def test_quick_memory_scaling_measures_every_backend_linear_in_the_length(quick_suite):
+    text, got = quick_suite[0], _rows(quick_suite, "memory_scaling")
+    rows = got["rows"]
+    assert [r for r in rows if r["error"] or r["peak_mib"] is None] == []
+    configs = {(r["label"], r["cp"]) for r in rows}
+    assert len(configs) == 8 and {r["length"] for r in rows} == {1024, 2048}
+    for label, cp in configs:
+        peak = {r["length"]: r["peak_mib"] for r in rows if (r["label"], r["cp"]) == (label, cp)}
+        # doubling T at most doubles the step's activation peak (plus noise): no T^2 term,
+        # which would make it 4x at these lengths
+        assert 0 < peak[2048] <= 2.5 * peak[1024], (label, cp, peak)
+    assert "| ring | 2 |" in text and "longest T on 24 GiB" in text

@@ -89,18 +89,20 @@ def test_ulysses_bytes_match_the_attention_benchmark():
     assert exposed * 1e9 == pytest.approx(sent * 2 ** 20)
 
 
-def test_allgather_all_reduces_full_length_grads_and_computes_every_pair():
+def test_allgather_reduce_scatters_full_length_grads_and_skips_the_future():
     shape = collective_cost.AttentionShape(4096, 1, 8, 8, 64, 4)
     link = collective_cost.Link(1.0, 0.0)
     exposed, detail = cm.attention_comm("allgather", shape, c=2, link=link, fwd_attention_s=1.0)
     full = 4096 * 8 * 64 * 4  # one of K, V for the whole sequence
-    # forward: K and V gathered (each rank sends its half); backward: dK and dV all-reduced
+    # forward: K and V gathered (each rank sends its half); backward: dK and dV
+    # reduce-scattered (each rank sends the other's half), not all-reduced (twice that)
     assert detail is None
-    assert exposed * 1e9 == pytest.approx(2 * full / 2 + 2 * (2 * full / 2))
+    assert exposed * 1e9 == pytest.approx(2 * full / 2 + 2 * full / 2)
     local = cluster.PRESETS["cpu-local"]
     ring, _, _ = cm.attention_op("ring", shape, c=2, cluster=local)
     gathered, _, _ = cm.attention_op("allgather", shape, c=2, cluster=local)
-    assert gathered / ring == pytest.approx(4096 * 4096 / (4096 * 4097 / 2))
+    # its blocks skip the future (no mask over all T/c x T pairs): ring's causal share
+    assert gathered / ring == pytest.approx(1.0)
 
 
 def test_gradients_travel_in_the_parameters_dtype():

@@ -194,7 +194,7 @@ def test_layer_pattern_repeats_over_the_layers() -> None:
      "attention.softmax='ulysses' (the softmax layers of model.layer_pattern='LS') is not one of"),
     ({"attention.backend": "lasp3"}, "attention.backend='lasp3' is not one of"),
     ({"attention.backend": "lasp2", "model.linear_decay": "fast"},
-     "model.linear_decay='fast' is not one of ['slopes', 'none']"),
+     "model.linear_decay='fast' is not one of ['slopes', 'slopes_by_layer', 'none']"),
 ])
 def test_bad_hybrid_settings_name_the_fields(change: dict, expected: str) -> None:
     from longtrain.config.schema import RunConfig

@@ -26,19 +26,25 @@ ULYSSES_CP2 = [
     ("noncausal_docs_fp64", 1, 48, 2, 2, 8, False, True, torch.float64),
     ("noncausal_gqa_fp32", 1, 40, 4, 2, 16, False, False, torch.float32),
     ("causal_docs_fp32", 2, 40, 4, 2, 16, True, True, torch.float32),
+    # MQA: the one K/V head is replicated to both ranks
+    ("causal_mqa_replicated_docs_fp64", 1, 48, 4, 1, 16, True, True, torch.float64),
 ]
-# all-to-all over 4 ranks: Hkv must be a multiple of 4
+# all-to-all over 4 ranks: Hkv below 4 is replicated up to 4
 ULYSSES_CP4 = [
     ("causal_gqa_docs_fp64", 1, 48, 8, 4, 8, True, True, torch.float64),
     ("noncausal_gqa_fp64", 2, 48, 8, 4, 8, False, False, torch.float64),
     ("causal_fp32", 1, 48, 4, 4, 16, True, False, torch.float32),
+    ("causal_gqa_replicated_docs_fp64", 1, 48, 8, 2, 8, True, True, torch.float64),
+    ("noncausal_mqa_replicated_fp64", 2, 48, 4, 1, 8, False, False, torch.float64),
 ]
-# ulysses 2 x ring 2; the ring step inside sees Hq/2 and Hkv/2 heads (MQA inside: 2 / 1)
+# ulysses 2 x ring 2; the ring step inside sees Hq/2 and Hkv/2 heads (MQA inside: 2 / 1;
+# one K/V head is replicated to 2 first)
 ULYSSES_RING_2X2 = [
     ("causal_gqa_fp64", 2, 48, 4, 2, 16, True, False, torch.float64),
     ("causal_gqa_docs_fp64", 1, 48, 4, 2, 16, True, True, torch.float64),
     ("noncausal_docs_fp64", 1, 48, 2, 2, 8, False, True, torch.float64),
     ("causal_docs_fp32", 2, 48, 4, 2, 16, True, True, torch.float32),
+    ("causal_mqa_replicated_docs_fp64", 1, 48, 4, 1, 16, True, True, torch.float64),
 ]
 
 
@@ -76,9 +82,9 @@ def _expect_head_error(runtime: Any, backend: str, hq: int, hkv: int, fragments:
 
 def _world2(runtime: Any) -> None:
     _check_cases(runtime, "ulysses", ULYSSES_CP2)
-    # MQA: one kv head cannot be split over 2 ranks
-    _expect_head_error(runtime, "ulysses", 4, 1,
-                       ["model.num_kv_heads=1", "parallel.tp=1", "ulysses degree 2"])
+    # 3 query heads cannot be shared equally by 2 ranks (K/V heads would be replicated)
+    _expect_head_error(runtime, "ulysses", 3, 1,
+                       ["model.num_heads=3", "parallel.tp=1", "ulysses degree 2"])
 
 
 def _world4(runtime: Any) -> None:
@@ -91,10 +97,10 @@ def _world4(runtime: Any) -> None:
     _check_cases(runtime, "ulysses", ULYSSES_CP4)
     _check_cases(runtime, "ulysses_ring", ULYSSES_RING_2X2, ulysses_group=runtime.ulysses_group,
                  ring_group=runtime.ring_group)
-    _expect_head_error(runtime, "ulysses", 8, 2,
-                       ["model.num_kv_heads=2", "parallel.tp=1", "ulysses degree 4"])
-    _expect_head_error(runtime, "ulysses_ring", 4, 1,
-                       ["model.num_kv_heads=1", "ulysses degree 2"],
+    _expect_head_error(runtime, "ulysses", 6, 2,
+                       ["model.num_heads=6", "parallel.tp=1", "ulysses degree 4"])
+    _expect_head_error(runtime, "ulysses_ring", 3, 1,
+                       ["model.num_heads=3", "ulysses degree 2"],
                        ulysses_group=runtime.ulysses_group, ring_group=runtime.ring_group)
 
 
@@ -155,10 +161,10 @@ def _cfg(backend: str, *, cp: int, tp: int = 1, degree: int = 0, heads: int = 8,
     (dict(backend="ulysses_ring", cp=6, degree=4),
      ["attention.ulysses_degree=4", "parallel.cp=6"]),
     (dict(backend="ulysses_ring", cp=3), ["attention.ulysses_degree=0", "parallel.cp=3"]),
-    (dict(backend="ulysses", cp=8, heads=8, kv_heads=4),
-     ["model.num_kv_heads=4", "parallel.tp=1", "ulysses degree 8"]),
-    (dict(backend="ulysses", cp=4, tp=2, heads=8, kv_heads=4),
-     ["model.num_kv_heads=4", "parallel.tp=2", "= 2 local", "ulysses degree 4"]),
+    (dict(backend="ulysses", cp=8, heads=12, kv_heads=4),
+     ["model.num_heads=12", "parallel.tp=1", "ulysses degree 8"]),
+    (dict(backend="ulysses", cp=4, tp=2, heads=12, kv_heads=4),
+     ["model.num_heads=12", "parallel.tp=2", "= 6 local query", "ulysses degree 4"]),
     (dict(backend="ulysses_ring", cp=8, degree=4, tp=2, heads=4, kv_heads=2),
      ["model.num_heads=4", "parallel.tp=2", "= 2 local query", "ulysses degree 4"]),
 ])
@@ -173,6 +179,10 @@ def test_ulysses_problems_name_fields_and_values(kwargs: dict, fragments: list[s
     dict(backend="ulysses", cp=4), dict(backend="ulysses", cp=4, degree=4),
     dict(backend="ulysses_ring", cp=4), dict(backend="ulysses_ring", cp=8, degree=4),
     dict(backend="ring", cp=8, kv_heads=1), dict(backend="ulysses", cp=2, tp=2, kv_heads=4),
+    # fewer local K/V heads than the degree: replicated (70B at TP=8 has one per rank)
+    dict(backend="ulysses", cp=8, heads=8, kv_heads=4),
+    dict(backend="ulysses", cp=4, tp=2, heads=8, kv_heads=4),
+    dict(backend="ulysses", cp=8, tp=8, heads=64, kv_heads=8),
 ])
 def test_ulysses_problems_accept_valid(kwargs: dict) -> None:
     from longtrain.attention.ulysses import hierarchical_cp_sizes, ulysses_problems
@@ -185,3 +195,12 @@ def test_ulysses_problems_accept_valid(kwargs: dict) -> None:
         assert sizes is not None and sizes[0] * sizes[1] == cfg.parallel.cp
     else:
         assert sizes is None
+
+
+@pytest.mark.parametrize("kv,u,copies", [(4, 2, 1), (4, 4, 1), (1, 2, 2), (2, 4, 2), (3, 2, 2),
+                                         (1, 8, 8), (6, 4, 2), (8, 8, 1)])
+def test_kv_heads_are_replicated_just_enough(kv: int, u: int, copies: int) -> None:
+    from longtrain.attention.ulysses import kv_replication
+
+    assert kv_replication(kv, u) == copies
+    assert (kv * copies) % u == 0

@@ -9,8 +9,8 @@ so blocks merge with `merge_block_` whatever order they arrive in. `block_backwa
 *merged* (global) out and lse, which is what makes per-block gradients sum to the exact
 gradient of the whole attention.
 
-On CPU the blocks run on ATen's fused flash kernel for CPU (which accepts GQA and an additive
-mask); on CUDA on our Triton kernel when available, else on the plain PyTorch reference.
+On CPU the blocks run on ATen's fused flash kernel for CPU (which accepts GQA), with packed
+documents once per document's runs of query rows and key columns (no [Tq, Tk] mask); on CUDA on our Triton kernel when available, else on the plain PyTorch reference.
 `kernels` (auto | triton | torch, the `train.kernels` setting) can force either.
 """
 
@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from longtrain.attention.segments import segment_pairs
 from longtrain_kernels import resolve_kernels
 from longtrain_kernels.flash_attn import flash_block_backward, flash_block_forward
 from longtrain_kernels.flash_attn.naive import (attention_block_naive,
@@ -31,16 +32,52 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _doc_mask(q_doc_bt: torch.Tensor, k_doc_bt: torch.Tensor, *, causal: bool,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive mask [B, 1, Tq, Tk] and the rows that have at least one allowed key [B, Tq]."""
-    allowed = q_doc_bt[:, :, None] == k_doc_bt[:, None, :]
-    if causal:
-        tq, tk = allowed.shape[1:]
-        allowed = allowed & torch.ones(tq, tk, dtype=torch.bool, device=allowed.device).tril()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, float("-inf"))
-    return mask[:, None], allowed.any(dim=-1)
+def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale)
+    return out, lse.to(acc_dtype(q.dtype))
+
+
+def _segments_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, *,
+                      scale: float, causal: bool, q_doc_bt: torch.Tensor,
+                      k_doc_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block over packed documents on CPU: the fused kernel on each document's query and
+    key runs (`segments.segment_pairs`), no [Tq, Tk] mask; rows whose document has no key
+    here keep out 0 and lse -inf. `causal` (a diagonal block: the same tokens on both sides)
+    applies within each document."""
+    b, hq, tq, d = q_bhtd.shape
+    out = q_bhtd.new_zeros(b, hq, tq, v_bhtd.shape[-1])
+    lse = torch.full((b, hq, tq), float("-inf"), dtype=acc_dtype(q_bhtd.dtype),
+                     device=q_bhtd.device)
+    for i in range(b):
+        for qs, ks in segment_pairs(q_doc_bt[i], k_doc_bt[i]):
+            o, l_ = _cpu_forward(q_bhtd[i:i + 1, :, qs], k_bhtd[i:i + 1, :, ks],
+                                 v_bhtd[i:i + 1, :, ks], scale=scale, causal=causal)
+            out[i:i + 1, :, qs] = o
+            lse[i:i + 1, :, qs] = l_
+    return out, lse
+
+
+def _segments_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
+                       v_bhtd: torch.Tensor, out_bhtd: torch.Tensor, lse_bht: torch.Tensor, *,
+                       scale: float, causal: bool, q_doc_bt: torch.Tensor,
+                       k_doc_bt: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of `_segments_forward`, document by document (each query row and each key
+    column belongs to one document, so the pieces are disjoint)."""
+    dq, dk, dv = torch.zeros_like(q_bhtd), torch.zeros_like(k_bhtd), torch.zeros_like(v_bhtd)
+    for i in range(q_bhtd.shape[0]):
+        one = slice(i, i + 1)
+        for qs, ks in segment_pairs(q_doc_bt[i], k_doc_bt[i]):
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout_bhtd[one, :, qs], q_bhtd[one, :, qs], k_bhtd[one, :, ks],
+                v_bhtd[one, :, ks], out_bhtd[one, :, qs], lse_bht[one, :, qs].contiguous(),
+                0.0, causal, scale=scale)
+            dq[one, :, qs] = gq
+            dk[one, :, ks] = gk
+            dv[one, :, ks] = gv
+    return dq, dk, dv
 
 
 def _use_triton(q: torch.Tensor, kernels: str) -> bool:
@@ -64,15 +101,9 @@ def block_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tens
         return _naive_forward(q_bhtd, k_bhtd, v_bhtd, scale=scale, causal=causal,
                               q_doc_bt=q_doc_bt, k_doc_bt=k_doc_bt)
     if q_doc_bt is None:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_bhtd, k_bhtd, v_bhtd, 0.0, causal, scale=scale)
-        return out, lse.to(acc_dtype(q_bhtd.dtype))
-    mask, has_key_bt = _doc_mask(q_doc_bt, k_doc_bt, causal=causal, dtype=q_bhtd.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_bhtd, k_bhtd, v_bhtd, 0.0, False, attn_mask=mask, scale=scale)
-    # ATen reports lse 0 for a row with no allowed key; merging needs -inf there.
-    lse = lse.to(acc_dtype(q_bhtd.dtype)).masked_fill(~has_key_bt[:, None, :], float("-inf"))
-    return out, lse
+        return _cpu_forward(q_bhtd, k_bhtd, v_bhtd, scale=scale, causal=causal)
+    return _segments_forward(q_bhtd, k_bhtd, v_bhtd, scale=scale, causal=causal,
+                             q_doc_bt=q_doc_bt, k_doc_bt=k_doc_bt)
 
 
 def block_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
@@ -94,9 +125,8 @@ def block_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.
     if q_doc_bt is None:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse, 0.0, causal, scale=scale)
-    mask, _ = _doc_mask(q_doc_bt, k_doc_bt, causal=causal, dtype=q_bhtd.dtype)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse, 0.0, False, attn_mask=mask, scale=scale)
+    return _segments_backward(dout_bhtd, q_bhtd, k_bhtd, v_bhtd, out_bhtd, lse, scale=scale,
+                              causal=causal, q_doc_bt=q_doc_bt, k_doc_bt=k_doc_bt)
 
 
 def any_allowed(q_doc_bt: Optional[torch.Tensor], k_doc_bt: Optional[torch.Tensor]) -> bool:

@@ -38,19 +38,37 @@ from longtrain.parallel.collective_cost import AttentionShape, Link, all_gather,
 from longtrain.parallel.watch import collective
 from longtrain_kernels.lightning_attn import lightning_attention
 
-DECAYS = ("slopes", "none")
+DECAYS = ("slopes", "slopes_by_layer", "none")
 
 
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi's head slopes (Press et al. 2022), which Lightning Attention / TransNormerLLM use
+    as decay rates: for a power of two H, 2^(-8 i / H), i = 1..H; otherwise those of the
+    largest power of two P below H, then every other slope of 2P (its odd ones) up to H."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
 
-def head_log_decay(num_heads: int, kind: str) -> torch.Tensor:
-    """[num_heads] float32 log(lambda) per *global* head: "slopes" = -2^(-8(h+1)/H) (ALiBi's
-    slopes, as in Lightning Attention), "none" = 0 (plain causal linear attention)."""
+    if num_heads & (num_heads - 1) == 0:
+        return power_of_two(num_heads)
+    p = 1 << (num_heads.bit_length() - 1)
+    return power_of_two(p) + power_of_two(2 * p)[0::2][:num_heads - p]
+
+
+def head_log_decay(num_heads: int, kind: str, *, layer: int = 0, num_layers: int = 1
+                   ) -> torch.Tensor:
+    """[num_heads] float32 log(lambda) per *global* head of decoder layer `layer`:
+    "slopes" = -alibi_slopes(H) (Lightning Attention's rates), "slopes_by_layer" = the same
+    scaled by 1 - layer / (num_layers - 1) + 1e-5 (TransNormerLLM's per-layer rates: the first
+    layer decays fastest, the last almost not at all), "none" = 0 (plain causal linear
+    attention)."""
     if kind not in DECAYS:
         raise ValueError(f"model.linear_decay={kind!r} is not one of {list(DECAYS)}")
     if kind == "none":
         return torch.zeros(num_heads)
-    h = torch.arange(1, num_heads + 1, dtype=torch.float64)
-    return (-(2.0 ** (-8.0 * h / num_heads))).float()
+    slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float64)
+    if kind == "slopes_by_layer":
+        slopes = slopes * (1.0 - layer / max(num_layers - 1, 1) + 1e-5)
+    return (-slopes).float()
 
 
 def _lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

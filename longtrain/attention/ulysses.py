@@ -6,7 +6,9 @@ R the ring degree (cp = u * R).
 
 `ulysses`: DeepSpeed's `DistributedAttention` exchanges q/k/v over the CP group so that each
 rank holds the whole sequence for Hq/u query and Hkv/u key-value heads (GQA: K/V travel with
-their own heads, never expanded). The gathered sequence is the concatenation of the ranks'
+their own heads, not expanded to the query heads; where Hkv < u or u does not divide it, each
+K/V head is repeated just enough that every rank receives the one its query heads read:
+`kv_replication`). The gathered sequence is the concatenation of the ranks'
 zigzag shards, so the local attention permutes it to natural order, runs dense attention with
 the causal / document mask, permutes back, and the reverse all-to-all returns heads to their
 owners.
@@ -24,6 +26,7 @@ Document ids are all-gathered over the ulysses group and reordered the same way.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -63,22 +66,30 @@ def hierarchical_cp_sizes(backend: str, degree: int, cp: int) -> Optional[tuple[
 
 def _head_problems(*, num_heads: int, num_kv_heads: int, tp: int, degree: int,
                    degree_from: str) -> list[str]:
-    out = []
-    for field, heads, what in (("model.num_heads", num_heads, "query"),
-                               ("model.num_kv_heads", num_kv_heads, "key/value")):
-        local = heads // tp
-        if local % degree != 0:
-            out.append(f"{field}={heads} / parallel.tp={tp} = {local} local {what} heads is not "
-                       f"divisible by the ulysses degree {degree} ({degree_from}): the "
-                       f"all-to-all gives each rank an equal share of the heads")
-    return out
+    """The all-to-all gives each rank an equal share of the query heads, so they must divide;
+    key/value heads need not (`kv_replication`)."""
+    local = num_heads // tp
+    if local % degree != 0:
+        return [f"model.num_heads={num_heads} / parallel.tp={tp} = {local} local query heads "
+                f"is not divisible by the ulysses degree {degree} ({degree_from}): the "
+                f"all-to-all gives each rank an equal share of the query heads"]
+    return []
+
+
+def kv_replication(kv_heads: int, degree: int) -> int:
+    """How many times each local key/value head is repeated before the all-to-all: 1 when the
+    degree divides them, else lcm(kv_heads, degree) / kv_heads, so that every rank receives
+    the key/value heads of the query heads it receives (a 70B model at TP=8 has one K/V head
+    per rank: Ulysses over 4 ranks sends 4 copies, one to each). Their gradients sum back
+    through the repeat."""
+    return math.lcm(kv_heads, degree) // kv_heads
 
 
 def ulysses_problems(cfg: RunConfig) -> list[str]:
     """Pre-flight checks of `attention=ulysses|ulysses_ring` (empty for other backends).
 
-    Covers attention.ulysses_degree vs parallel.cp, and the degree vs the local query and
-    key-value heads (model.num_heads / parallel.tp, model.num_kv_heads / parallel.tp).
+    Covers attention.ulysses_degree vs parallel.cp, and the degree vs the local query heads
+    (model.num_heads / parallel.tp); key/value heads are replicated where they fall short.
     """
     backend = cfg.attention.backend
     if backend not in ("ulysses", "ulysses_ring"):
@@ -198,8 +209,8 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
                          backend: str = "ulysses", kernels: str = "auto") -> torch.Tensor:
     """Ulysses (ring_group None: u == cp) or ulysses x ring attention on this rank's zigzag shard.
 
-    q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq and Hkv divisible by u = size of
-    `ulysses_group`; doc_bt [B, T] int64 document ids of the local tokens (None: one
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] with Hq divisible by u = size of `ulysses_group` (Hkv
+    is replicated to a multiple of u where it is not: `kv_replication`); doc_bt [B, T] int64 document ids of the local tokens (None: one
     document). Returns [B, T, Hq, D] in q's dtype.
     """
     u = dist.get_world_size(ulysses_group)
@@ -210,6 +221,9 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
     ring_rank = cp_rank // u
     assert ring_group is None or dist.get_rank(ring_group) == ring_rank
     _check_heads(q_bthd.shape[2], k_bthd.shape[2], u, backend=backend)
+    r = kv_replication(k_bthd.shape[2], u)
+    if r > 1:
+        k_bthd, v_bthd = (x.repeat_interleave(r, dim=2) for x in (k_bthd, v_bthd))
     to_ring, to_gathered = ulysses_reorder(q_bthd.shape[1], cp_size=cp_size, ulysses=u,
                                            ring_rank=ring_rank, device=q_bthd.device)
     doc = None if doc_bt is None else _gather_docs(doc_bt, ulysses_group, to_ring)
@@ -261,6 +275,7 @@ def ulysses_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s: floa
     if c <= 1:
         return 0.0, None
     q, kv = kv_bytes(s, c)
+    kv *= kv_replication(s.kv_heads, c)
     return 2 * (all_to_all(2 * q, c, link) + all_to_all(kv, c, link)), None
 
 
@@ -271,6 +286,7 @@ def ulysses_ring_comm(s: AttentionShape, *, c: int, link: Link, fwd_attention_s:
         return 0.0, None
     u = attention.ulysses_degree or 2
     q, kv = kv_bytes(s, c)
+    kv *= kv_replication(s.kv_heads, u)
     a2a = 2 * (all_to_all(2 * q, u, link) + all_to_all(kv, u, link))
     # after the all-to-all a rank holds u shards' tokens (T/r) for 1/u of the heads
     exposed, detail = ring_exposed(kv, fwd_attention_s, c // u, link, kv * 4 / s.elt)

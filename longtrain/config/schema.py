@@ -48,9 +48,11 @@ class ModelConfig:
     # layer softmax, or every layer linear with attention=lasp1|lasp2 ("Linear-Llama").
     layer_pattern: str = ""
     # linear layers: feature map on q and k (silu | elu1 | identity) and per-head decay
-    # (slopes: lambda_h = exp(-2^(-8(h+1)/H)) as Lightning Attention; none: no decay)
+    # (slopes: lambda_h = exp(-s_h) with s_h ALiBi's slopes, as Lightning Attention, i.e.
+    # 2^(-8h/H) for H a power of two; slopes_by_layer: s_h scaled by 1 - l / (L - 1) + 1e-5 on
+    # layer l of L, as TransNormerLLM; none: no decay)
     linear_feature_map: str = "silu"
-    # slopes | none (see linear_feature_map)
+    # slopes | slopes_by_layer | none (see linear_feature_map)
     linear_decay: str = "slopes"
 
 
@@ -265,6 +267,10 @@ class TrainConfig:
     kernels: str = "auto"
     # torch's seed: the initial weights of a model trained from scratch
     seed: int = 1234
+    # The loss runs the LM head and the cross-entropy over chunks of this many positions of
+    # the micro-batch, each recomputed in the backward, so the [tokens, vocab] logits and
+    # their float32 copy exist one chunk at a time (0: the whole sequence at once).
+    loss_chunk: int = 4096
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
     save_hf: bool = True
     # Progressive length schedule, e.g. 4K -> 16K -> 64K:

@@ -22,7 +22,8 @@ Saved for the backward per token and softmax layer (what `ActivationStore` count
 
 A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
 2q more). Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
-with their float32 copy for the loss ((e + 4) V).
+with their float32 copy for the loss ((e + 4) V), for one chunk of `train.loss_chunk`
+positions at a time.
 
 The peak comes in the backward, above what is saved, by a working set measured in units of
 one layer's `none` column (L1): the backward of a layer holds activation gradients and
@@ -95,6 +96,8 @@ class Shape:
     group_size: int
     tokens: int  # per rank per micro-batch
     seq_len: int
+    # positions of the micro-batch whose logits exist at once (train.loss_chunk)
+    loss_tokens: int
     params: int  # on this rank
     param_elem: int
 
@@ -115,6 +118,8 @@ class Shape:
                    vocab=vocab, layers=m.num_layers, linear_layers=n_linear, elem=elem,
                    group_size=cfg.memory.group_size,
                    tokens=cfg.data.micro_batch_size * t // cp, seq_len=t, params=params,
+                   loss_tokens=cfg.data.micro_batch_size * min(
+                       t // cp, cfg.train.loss_chunk or t // cp),
                    param_elem=elem)
 
 
@@ -139,7 +144,8 @@ def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> 
 def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     """Bytes per rank for one micro-batch in flight: 'layers' (saved by the decoder layers),
     'transient' (the backward's working set), 'final' (the final norm and head inputs),
-    'logits' (the logits and the loss's float32 copy) and their 'total'."""
+    'logits' (one loss chunk's logits and their float32 copy: `train.loss_chunk`) and their
+    'total'."""
     softmax = s.layers - s.linear_layers
     per_token = (softmax * layer_bytes_per_token(s, policy)
                  + s.linear_layers * layer_bytes_per_token(s, policy, linear=True))
@@ -153,7 +159,7 @@ def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     stored = 1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem
     out = {"layers": per_token * s.tokens, "transient": transient * s.tokens,
            "final": (2 * s.hidden * stored + 4) * s.tokens,
-           "logits": (s.elem + 4) * s.vocab * s.tokens}
+           "logits": (s.elem + 4) * s.vocab * s.loss_tokens}
     out["total"] = sum(out.values())
     return out
 

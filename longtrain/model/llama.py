@@ -162,7 +162,7 @@ class LinearAttention(nn.Module):
     position enters through the decay. `linear_attention` is the sequence-parallel method."""
 
     def __init__(self, shape: ModelShape, *, mp_config, linear_attention, tp_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, layer: int = 0) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import (ColumnParallelLinear,
                                                    set_tensor_model_parallel_attributes)
@@ -178,7 +178,8 @@ class LinearAttention(nn.Module):
         self.out_norm = nn.Parameter(torch.ones(shape.local_heads * d, dtype=dtype, device=device))
         set_tensor_model_parallel_attributes(self.out_norm, is_parallel=True, dim=0, stride=1)
         first = tp_rank * shape.local_heads
-        decay = head_log_decay(cfg.num_heads, cfg.linear_decay)[first:first + shape.local_heads]
+        decay = head_log_decay(cfg.num_heads, cfg.linear_decay, layer=layer,
+                               num_layers=cfg.num_layers)[first:first + shape.local_heads]
         self.register_buffer("log_decay", decay.to(device), persistent=False)
 
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
@@ -227,7 +228,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
                  dtype: torch.dtype, device: torch.device, kind: str = "softmax",
-                 linear_attention=None, tp_rank: int = 0) -> None:
+                 linear_attention=None, tp_rank: int = 0, layer: int = 0) -> None:
         super().__init__()
         cfg = shape.cfg
         self.kind = kind
@@ -236,7 +237,7 @@ class DecoderLayer(nn.Module):
         if kind == "linear":
             self.attn = LinearAttention(shape, mp_config=mp_config,
                                         linear_attention=linear_attention, tp_rank=tp_rank,
-                                        dtype=dtype, device=device)
+                                        dtype=dtype, device=device, layer=layer)
         else:
             self.attn = Attention(shape, mp_config=mp_config, attention=attention,
                                   tp_rank=tp_rank)
@@ -281,8 +282,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(self.shape, mp_config=mp_config, attention=fn, dtype=dtype,
                          device=device, kind=kind, linear_attention=linear_attention,
-                         tp_rank=tp_rank)
-            for kind, fn in zip(self.layer_kinds, per_layer)
+                         tp_rank=tp_rank, layer=i)
+            for i, (kind, fn) in enumerate(zip(self.layer_kinds, per_layer))
         )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
         self.head = ColumnParallelLinear(
@@ -299,8 +300,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
-                ctx: AttentionContext = AttentionContext()) -> torch.Tensor:
-        """tokens [B, T] int64 -> logits [B, T, V/tp] (this rank's vocab shard, param dtype).
+                ctx: AttentionContext = AttentionContext(), head: bool = True) -> torch.Tensor:
+        """tokens [B, T] int64 -> logits [B, T, V/tp] (this rank's vocab shard, param dtype);
+        with head=False the final-norm outputs [B, T, H] instead (for `chunked_loss_sum`).
 
         positions: true global positions of the local tokens (default 0..T-1); seq_len: the
         global sequence length (dynamic RoPE scaling uses it).
@@ -320,6 +322,12 @@ class LlamaModel(nn.Module):
             x_bth = layer(x_bth, cos_btd=cos_btd, sin_btd=sin_btd, meta=meta, ctx=ctx,
                           q_scale_bt=q_scale_bt if scaled else None)
         x_bth = self.final_norm(x_bth)
+        return self.logits(x_bth) if head else x_bth
+
+    def logits(self, x_bth: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-norm outputs [B, T, H] -> this rank's vocabulary shard of the
+        logits [B, T, V/tp], the TP padding columns at -inf (the chunked loss calls it one
+        chunk of positions at a time)."""
         weight = self.embed.weight if self.cfg.tie_embeddings else None
         logits, _ = self.head(x_bth, weight=weight)
         if self._num_padded_logits:

@@ -34,9 +34,9 @@ balances causal work, so every rank gets 1/c of a layer's attention):
 - ulysses: all-to-alls of q, k, v, out forward and dout, dq, dk, dv backward, not overlapped.
 - ulysses_ring: the all-to-alls over u ranks, then a ring over c/u ranks of blocks of
   T/(c/u) tokens x Hkv/(t u) heads.
-- allgather: K/V all-gathered forward; backward, the full-length dK and dV all-reduced (as
-  linear.py does: gloo has no reduce-scatter). Its mask is applied, not skipped: a rank
-  computes its T/c queries against all T keys, 2x the causal share.
+- allgather: K/V all-gathered forward; backward, the full-length dK and dV reduce-scattered
+  to their owners (a ring of point-to-point steps on gloo, NCCL's reduce-scatter on GPU). Its
+  blocks skip the future as ring's do: the causal share.
 - lasp2: each of the 2 chunk states `[Hq/t, d, d]` (fp32) all-gathered forward, and again
   backward. lasp1: the state chain visits the 2c zigzag chunks (ranks 0..c-1, then back):
   2 (c-1) hops between ranks, serialized, forward and again backward.
@@ -111,7 +111,7 @@ def attention_op(backend: str, s: AttentionShape, *, c: int, cluster: Cluster,
 
 def masked_factor(backend: str, seq_len: int, c: int) -> float:
     """The attention FLOPs a backend computes over the causal ones (its spec's
-    `compute_factor`; allgather applies its mask instead of skipping the future)."""
+    `compute_factor`: 1 for every built-in backend, which all skip the future)."""
     return get_spec(backend).compute_factor(seq_len, c)
 
 

@@ -32,7 +32,7 @@ _CHOICES = {
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "model.linear_feature_map": ("silu", "elu1", "identity"),
-    "model.linear_decay": ("slopes", "none"),
+    "model.linear_decay": ("slopes", "slopes_by_layer", "none"),
     "memory.activations": ("none", "int8"),
     "memory.checkpointing": ("none", "selective", "full"),
 }
@@ -166,6 +166,9 @@ def problems(cfg: RunConfig) -> list[str]:
     out += _data_problems(cfg, dims)
     if cfg.train.steps < 1:
         out.append(f"train.steps={cfg.train.steps} must be >= 1")
+    if not isinstance(cfg.train.loss_chunk, int) or cfg.train.loss_chunk < 0:
+        out.append(f"train.loss_chunk={cfg.train.loss_chunk!r} must be an integer >= 0 "
+                   f"(positions per loss chunk; 0: the whole sequence at once)")
     if cfg.optim.lr <= 0:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
     if cfg.optim.warmup_steps < 0:

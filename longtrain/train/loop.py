@@ -28,7 +28,7 @@ from longtrain.parallel.runtime import ParallelRuntime, remesh
 from longtrain.parallel.watch import (CollectiveError, collective, describe_failure,
                                       is_communication_failure, set_phase, track_modules)
 from longtrain.train.build import attention_context, build_model, param_dtype
-from longtrain.train.loss import reduce_sum, token_loss_sum
+from longtrain.train.loss import chunked_loss_sum, reduce_sum
 from longtrain.train.metrics import StepMetrics
 from longtrain.train.optim import Optimizer, make_optimizer
 from longtrain.train.state import load_train_state, save_train_state
@@ -209,9 +209,10 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
             state.canary.arm(tol=cfg.attention.check_tol)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     for i, mb in enumerate(micro):
-        logits = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
-                       seq_len=cfg.data.seq_len, ctx=ctx)
-        loss = token_loss_sum(logits, mb.labels_bt, mb.weights_bt)
+        hidden = model(mb.tokens_bt, positions_bt=mb.positions_bt, doc_ids_bt=mb.doc_ids_bt,
+                       seq_len=cfg.data.seq_len, ctx=ctx, head=False)
+        loss = chunked_loss_sum(model.logits, hidden, mb.labels_bt, mb.weights_bt,
+                                chunk=cfg.train.loss_chunk)
         optimizer.backward(loss / targets, last=i == len(micro) - 1)
         loss_sum += loss.detach().double()
     set_phase("optimizer", "gradient sum")
