@@ -110,3 +110,13 @@ def test_the_logits_exist_one_chunk_at_a_time(tmp_path):
     # weight and its gradient, 128 x 4096, are the same size: no logits tensor is larger)
     assert got[0] == 512 * 4096
     assert got[128] == 128 * 4096
+
+
+def test_a_bad_loss_chunk_is_named_before_any_worker_starts():
+    from longtrain.config.schema import RunConfig
+    from longtrain.planning.validate import problems
+
+    cfg = RunConfig()
+    assert not [p for p in problems(cfg) if "loss_chunk" in p]
+    cfg.train.loss_chunk = -1
+    assert any("train.loss_chunk=-1 must be an integer >= 0" in p for p in problems(cfg))
