@@ -64,8 +64,7 @@ def hierarchical_cp_sizes(backend: str, degree: int, cp: int) -> Optional[tuple[
     return u, cp // u
 
 
-def _head_problems(*, num_heads: int, num_kv_heads: int, tp: int, degree: int,
-                   degree_from: str) -> list[str]:
+def _head_problems(*, num_heads: int, tp: int, degree: int, degree_from: str) -> list[str]:
     """The all-to-all gives each rank an equal share of the query heads, so they must divide;
     key/value heads need not (`kv_replication`)."""
     local = num_heads // tp
@@ -114,7 +113,7 @@ def ulysses_problems(cfg: RunConfig) -> list[str]:
     if min(m.num_heads, m.num_kv_heads) < 1 or m.num_heads % tp or m.num_kv_heads % tp:
         # the model checks report heads vs tp
         return []
-    return _head_problems(num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, tp=tp,
+    return _head_problems(num_heads=m.num_heads, tp=tp,
                           degree=resolve_ulysses_degree(backend, degree, cp),
                           degree_from=degree_from)
 
@@ -127,9 +126,9 @@ def _tp_size() -> int:
     return 1
 
 
-def _check_heads(hq: int, hkv: int, degree: int, *, backend: str) -> None:
+def _check_heads(hq: int, degree: int, *, backend: str) -> None:
     tp = _tp_size()
-    found = _head_problems(num_heads=hq * tp, num_kv_heads=hkv * tp, tp=tp, degree=degree,
+    found = _head_problems(num_heads=hq * tp, tp=tp, degree=degree,
                            degree_from=f"attention.backend={backend!r}")
     if found:
         raise ValueError("; ".join(found))
@@ -220,7 +219,7 @@ def ulysses_attention_fn(q_bthd: torch.Tensor, k_bthd: torch.Tensor, v_bthd: tor
     assert dist.get_rank(ulysses_group) == cp_rank % u
     ring_rank = cp_rank // u
     assert ring_group is None or dist.get_rank(ring_group) == ring_rank
-    _check_heads(q_bthd.shape[2], k_bthd.shape[2], u, backend=backend)
+    _check_heads(q_bthd.shape[2], u, backend=backend)
     r = kv_replication(k_bthd.shape[2], u)
     if r > 1:
         k_bthd, v_bthd = (x.repeat_interleave(r, dim=2) for x in (k_bthd, v_bthd))
