@@ -68,12 +68,25 @@ def _check(rt: Any) -> None:
     from longtrain.attention.base import AttentionMeta
     from longtrain.attention.s2 import make_s2_attention
 
+    from longtrain.attention import s2 as s2_module
+    from longtrain.parallel.layout import zigzag_chunk_ids
+
     d, mine = rt.dims, rank_slice(rt)
     qh, kh, shard, ctx = mine.heads(HQ), mine.heads(HKV), mine.shard, mine.ctx
     x = _inputs()
+    kept: list[int] = []
+    collect = s2_module._collect
+
+    def counting_collect(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = collect(*args, **kwargs)
+        kept.append(out.shape[1])
+        return out
+
+    s2_module._collect = counting_collect
     for name in PATTERNS:
         pattern = _pattern(name)
         fn = make_s2_attention(pattern)
+        kept.clear()
         for docs in (False, True):
             ref = _reference(x, pattern, docs)
             meta = AttentionMeta(doc_ids_bt=shard(_doc_ids()) if docs else None,
@@ -88,6 +101,15 @@ def _check(rt: Any) -> None:
                 err = rel(value.detach(), shard(ref[what][:, :, heads]))
                 assert err < OP_RTOL, (f"{name} docs={docs} tp={d.tp} cp={d.cp} rank "
                                        f"{rt.rank}: {what} rel err {err:.2e}")
+        if d.cp > 1:
+            # K, V (and the document ids) are kept only for the blocks the rank's heads read:
+            # with two of the four sparse heads (TP = 2) fewer than the prefix up to its last
+            # chunk
+            prefix = (zigzag_chunk_ids(d.cp, mine.ctx.cp_rank)[1] + 1) * T // (2 * d.cp)
+            assert kept and max(kept) <= prefix, (kept, prefix)
+            if name == "strided" and d.tp == 2:
+                assert max(kept) < prefix, (kept, prefix)
+    s2_module._collect = collect
 
 
 @pytest.mark.parametrize("world,tp,cp", [(1, 1, 1), (2, 1, 2), (4, 1, 4), (4, 2, 2)],

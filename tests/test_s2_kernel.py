@@ -234,6 +234,66 @@ def test_triton_reads_only_allowed_blocks() -> None:
     assert err <= FP32_RTOL, f"{bad} rel err {err:.2e} (all: {errors})"
 
 
+def _read_blocks(case: dict[str, Any]) -> tuple[int, ...]:
+    """Every key block the case's queries read through any of its heads (and their own)."""
+    pat, bs = case["pattern"], case["pattern"].block_size
+    q0 = case.get("q_start", 0) // bs
+    heads = range(case.get("head_offset", 0), case.get("head_offset", 0) + case["Hq"])
+    return tuple(sorted({j for i in range(q0, q0 + case["Tq"] // bs) for g in heads
+                         for j in pat.key_blocks(i, g)}))
+
+
+@pytest.mark.parametrize("backend,name", [
+    ("torch", "later_chunk"), ("torch", "documents"), ("torch", "head_offset_dense_head"),
+    pytest.param("triton", "later_chunk", marks=needs_triton),
+    pytest.param("triton", "documents", marks=needs_triton)])
+def test_compact_key_blocks_equal_the_full_keys(backend: str, name: str) -> None:
+    """k / v holding only the read blocks (`k_blocks`, what a CP rank receives) give the full
+    call's output and dq, and its dk / dv on those blocks (the others' are zero there)."""
+    case = dict(CASES[name])
+    if name == "documents":  # without its dense head, so that some blocks go unread
+        case["pattern"] = S2Pattern(4, block_size=16, local_blocks=2, vert_stride=8)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    (q, k, v), dout, opts = _inputs(case, dtype, seed=11)
+    pat, bs = case["pattern"], case["pattern"].block_size
+    blocks = _read_blocks(case)
+    # a dense head reads every block: the compact keys are all of them
+    assert (len(blocks) == case["Tk"] // bs) == (name == "head_offset_dense_head")
+    keys = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in blocks]).to(DEVICE)
+    full_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    full = s2_attention(*full_in, pat, backend=backend, **opts)
+    full_grads = torch.autograd.grad(full, full_in, dout)
+    compact_opts = dict(opts)
+    if "k_doc" in opts:
+        compact_opts["k_doc"] = opts["k_doc"][:, keys]
+    leaves = [q.clone().requires_grad_(), k[:, keys].clone().requires_grad_(),
+              v[:, keys].clone().requires_grad_()]
+    out = s2_attention(*leaves, pat, k_blocks=blocks, backend=backend, **compact_opts)
+    grads = torch.autograd.grad(out, leaves, dout)
+    tol = F64_RTOL if dtype == torch.float64 else FP32_RTOL
+    assert rel_err(out, full) <= tol
+    assert rel_err(grads[0], full_grads[0]) <= tol
+    for got, want in zip(grads[1:], full_grads[1:]):
+        assert rel_err(got, want[:, keys]) <= tol
+        unread = torch.ones(want.shape[1], dtype=torch.bool, device=DEVICE)
+        unread[keys] = False
+        assert not bool(want[:, unread].any())
+    _, lse = s2_attention_lse(q, k[:, keys], v[:, keys], pat, k_blocks=blocks,
+                              backend=backend, **compact_opts)
+    _, full_lse = s2_attention_lse(q, k, v, pat, backend=backend, **opts)
+    assert rel_err(lse, full_lse) <= tol
+
+
+def test_bad_key_blocks_are_named() -> None:
+    pat = S2Pattern(4, block_size=16)
+    q = torch.randn(1, 32, 2, 16)
+    kv = torch.randn(1, 48, 1, 16)
+    for blocks, match in (((0, 1), "names 2 blocks of 16, but k holds Tk=48"),
+                          ((2, 1, 3), "ascending"), ((0, 1, 2), "missing \\[3\\]")):
+        with pytest.raises(ValueError, match=match):
+            s2_attention(q, kv, kv, pat, q_start=32, k_blocks=blocks, backend="torch")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("docs", [False, True])

@@ -14,18 +14,21 @@ Under CP no ring is needed: which key blocks a rank's queries can ever see is kn
 pattern, so each rank receives exactly those blocks of the other ranks' K/V, point to point
 (a far chunk contributes only its vertical blocks of this rank's heads, and nothing from
 blocks no local head needs), computes its chunks with the block-sparse kernel against them,
-and returns their K/V gradients to the owners in backward.
+and returns their K/V gradients to the owners in backward. The rank keeps only those blocks:
+a compact buffer (its own blocks and the received ones, in global order) that the kernel
+reads through `k_blocks`, so a sparse layer's K/V per rank is about T / (CP * vert_stride)
+plus the window, not the whole prefix.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from longtrain.attention.allgather import gather_sequence
 from longtrain.attention.dense import dense_attention, softmax_forward_flops
 from longtrain.attention.ring import ring_attention, ring_comm
 from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta, BackendSpec
@@ -82,7 +85,10 @@ def _local_offset(block: int, rank: int, *, cp: int, chunk_blocks: int) -> int:
 
 class _Exchange:
     """Who sends which blocks to whom, for one rank: `send[peer]` and `recv[peer]` are lists of
-    (global block, local block offset on the owner)."""
+    (global block, local block offset on the owner). `blocks` are the global key blocks this
+    rank's heads read, ascending (its own blocks among them: every query block reads its
+    diagonal); the compact K/V buffer holds exactly these, `own_slots` / `own_offsets` place
+    this rank's blocks in it and `recv_slots[peer]` the received ones."""
 
     def __init__(self, pattern: Any, heads: tuple[int, ...], ctx: AttentionContext,
                  chunk_blocks: int) -> None:
@@ -94,11 +100,22 @@ class _Exchange:
                      for p in range(cp) if p != rank}
         self.recv = {p: [(b, offset(b, p)) for b in need[rank] if owner(b) == p]
                      for p in range(cp) if p != rank}
+        self.blocks = need[rank]
+        slot = {b: n for n, b in enumerate(self.blocks)}
+        own = [b for b in self.blocks if owner(b) == rank]
+        self.own_slots = torch.tensor([slot[b] for b in own], dtype=torch.long)
+        self.own_offsets = torch.tensor([offset(b, rank) for b in own], dtype=torch.long)
+        self.recv_slots = {p: torch.tensor([slot[b] for b, _ in blocks], dtype=torch.long)
+                           for p, blocks in self.recv.items()}
         self.ranks = dist.get_process_group_ranks(ctx.cp_group)
         self.ctx = ctx
 
     def blocks_received(self) -> int:
         return sum(len(v) for v in self.recv.values())
+
+    def blocks_before(self, block: int) -> int:
+        """How many of `blocks` lie before global `block`."""
+        return bisect.bisect_left(self.blocks, block)
 
 
 def _gather_blocks(x_bthd: torch.Tensor, offsets: list[int], bs: int) -> torch.Tensor:
@@ -125,61 +142,62 @@ def _p2p(plan: _Exchange, outgoing: dict[int, torch.Tensor], incoming: dict[int,
             req.wait()
 
 
+def _blocked(x_bt_: torch.Tensor, bs: int) -> torch.Tensor:
+    """[B, T, ...] -> [B, T / bs, bs, ...] (a view)."""
+    return x_bt_.view(x_bt_.shape[0], -1, bs, *x_bt_.shape[2:])
+
+
+def _collect(x_local: torch.Tensor, plan: _Exchange, bs: int, *, what: str) -> torch.Tensor:
+    """This rank's zigzag shard [B, 2L, ...] -> the compact [B, len(plan.blocks) * bs, ...]
+    buffer of the blocks its heads read (its own and the received ones), in global order."""
+    b, rest = x_local.shape[0], x_local.shape[2:]
+    dev = x_local.device
+    compact = x_local.new_empty((b, len(plan.blocks) * bs, *rest))
+    slots = _blocked(compact, bs)
+    slots[:, plan.own_slots.to(dev)] = _blocked(x_local, bs)[:, plan.own_offsets.to(dev)]
+    outgoing = {p: _gather_blocks(x_local, [o for _, o in blocks], bs)
+                for p, blocks in plan.send.items()}
+    incoming = {p: x_local.new_empty((b, len(blocks) * bs, *rest))
+                for p, blocks in plan.recv.items()}
+    _p2p(plan, outgoing, incoming, what=what)
+    for p in plan.recv:
+        slots[:, plan.recv_slots[p].to(dev)] = _blocked(incoming[p], bs)
+    return compact
+
+
 class _GatherNeeded(torch.autograd.Function):
-    """This rank's zigzag K/V shard -> a [B, prefix, Hkv, D] buffer in global order holding
-    every block this rank's queries can see (its own chunks, and the received blocks); other
-    positions are zero and never read. Backward returns the received blocks' gradients to
-    their owners, who add them to their own."""
+    """This rank's zigzag K/V shard -> the compact buffer of the blocks its queries can see
+    (`_collect`). Backward returns the received blocks' gradients to their owners, who add them
+    to their own."""
 
     @staticmethod
-    def forward(fctx: Any, kv_local: torch.Tensor, plan: _Exchange, bs: int, length: int
-                ) -> torch.Tensor:
-        ctx = plan.ctx
-        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
-        prefix = (second + 1) * length
-        full = kv_local.new_zeros((kv_local.shape[0], prefix, *kv_local.shape[2:]))
-        full[:, first * length:(first + 1) * length] = kv_local[:, :length]
-        full[:, second * length:prefix] = kv_local[:, length:]
-        outgoing = {p: _gather_blocks(kv_local, [o for _, o in blocks], bs)
-                    for p, blocks in plan.send.items()}
-        incoming = {p: kv_local.new_empty((kv_local.shape[0], len(blocks) * bs,
-                                           *kv_local.shape[2:]))
-                    for p, blocks in plan.recv.items()}
-        _p2p(plan, outgoing, incoming, what="S2 needed K/V blocks send/recv")
-        for p, blocks in plan.recv.items():
-            for n, (b, _) in enumerate(blocks):
-                full[:, b * bs:(b + 1) * bs] = incoming[p][:, n * bs:(n + 1) * bs]
-        fctx.plan, fctx.bs, fctx.length = plan, bs, length
-        return full
+    def forward(fctx: Any, kv_local: torch.Tensor, plan: _Exchange, bs: int) -> torch.Tensor:
+        fctx.plan, fctx.bs, fctx.local_len = plan, bs, kv_local.shape[1]
+        return _collect(kv_local, plan, bs, what="S2 needed K/V blocks send/recv")
 
     @staticmethod
-    def backward(fctx: Any, grad_full: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        plan, bs, length = fctx.plan, fctx.bs, fctx.length
-        ctx = plan.ctx
-        first, second = zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)
-        grad_local = torch.cat([grad_full[:, first * length:(first + 1) * length],
-                                grad_full[:, second * length:(second + 1) * length]], dim=1)
-        grad_local = grad_local.contiguous()
+    def backward(fctx: Any, grad_compact: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        plan, bs = fctx.plan, fctx.bs
+        dev = grad_compact.device
+        b, rest = grad_compact.shape[0], grad_compact.shape[2:]
+        slots = _blocked(grad_compact, bs)
+        grad_local = grad_compact.new_zeros((b, fctx.local_len, *rest))
+        local = _blocked(grad_local, bs)
+        local[:, plan.own_offsets.to(dev)] = slots[:, plan.own_slots.to(dev)]
         # the gradients of the blocks this rank received go back to their owners
-        outgoing = {p: torch.cat([grad_full[:, b * bs:(b + 1) * bs] for b, _ in blocks], dim=1)
-                    if blocks else grad_full.new_empty((grad_full.shape[0], 0,
-                                                        *grad_full.shape[2:]))
-                    for p, blocks in plan.recv.items()}
-        incoming = {p: grad_full.new_empty((grad_full.shape[0], len(blocks) * bs,
-                                            *grad_full.shape[2:]))
+        outgoing = {p: slots[:, plan.recv_slots[p].to(dev)].reshape(b, -1, *rest)
+                    for p in plan.recv}
+        incoming = {p: grad_compact.new_empty((b, len(blocks) * bs, *rest))
                     for p, blocks in plan.send.items()}
         _p2p(plan, outgoing, incoming, what="S2 K/V gradient blocks send/recv")
         for p, blocks in plan.send.items():
-            for n, (_, o) in enumerate(blocks):
-                grad_local[:, o * bs:(o + 1) * bs] += incoming[p][:, n * bs:(n + 1) * bs]
-        return grad_local, None, None, None
+            if blocks:
+                offsets = torch.tensor([o for _, o in blocks], dtype=torch.long, device=dev)
+                local.index_add_(1, offsets, _blocked(incoming[p], bs))
+        return grad_local, None, None
 
 
 # --------------------------------------------------------------------------- the backend
-
-def _local_doc_full(doc_bt: torch.Tensor, ctx: AttentionContext, prefix: int) -> torch.Tensor:
-    return gather_sequence(doc_bt, ctx, what="S2 document-id all-gather")[:, :prefix]
-
 
 def make_s2_attention(pattern: Any) -> AttentionFn:
     """`attention=s2` for one pattern (shapes as in attention.types; the rank's first global
@@ -210,16 +228,20 @@ def make_s2_attention(pattern: Any) -> AttentionFn:
                              f"length that is a multiple of 2 * cp * {bs})")
         heads = tuple(range(meta.head_offset, meta.head_offset + q.shape[2]))
         plan = _Exchange(pattern, heads, ctx, length // bs)
-        k_full = _GatherNeeded.apply(k, plan, bs, length)
-        v_full = _GatherNeeded.apply(v, plan, bs, length)
-        doc_full = None if doc is None else _local_doc_full(doc, ctx, k_full.shape[1])
+        # only the blocks this rank's heads read are kept (for the backward too)
+        k_have = _GatherNeeded.apply(k, plan, bs)
+        v_have = _GatherNeeded.apply(v, plan, bs)
+        doc_have = None if doc is None else _collect(doc, plan, bs,
+                                                     what="S2 document-id blocks send/recv")
         outs = []
         for n, c in enumerate(zigzag_chunk_ids(ctx.cp_size, ctx.cp_rank)):
-            end = (c + 1) * length
             rows = slice(n * length, (n + 1) * length)
-            outs.append(kernel(q[:, rows], k_full[:, :end], v_full[:, :end], pattern,
-                               q_start=c * length, q_doc=None if doc is None else doc[:, rows],
-                               k_doc=None if doc_full is None else doc_full[:, :end], **common))
+            m = plan.blocks_before((c + 1) * (length // bs))
+            outs.append(kernel(q[:, rows], k_have[:, :m * bs], v_have[:, :m * bs], pattern,
+                               q_start=c * length, k_blocks=plan.blocks[:m],
+                               q_doc=None if doc is None else doc[:, rows],
+                               k_doc=None if doc_have is None else doc_have[:, :m * bs],
+                               **common))
         return torch.cat(outs, dim=1)
 
     return s2_attention

@@ -20,6 +20,11 @@ the saved out and lse (flash style); window gradients are scattered into the key
 chunk, vertical ones gathered in the compact operand and folded in once at the end.
 `plan` is the exact schedule both directions run; `plan_tiles` counts its block products.
 No autograd here (see function.py).
+
+`k_blocks` (optional, ascending) names the global key block each block of k / v holds: a
+context-parallel rank passes only the blocks its heads read, and every global block index is
+turned into its slot through a lookup (`_Call.slot`). Blocks absent from k are read only by
+padding or masked slots, which the lookup sends to slot 0.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class _Operands(NamedTuple):
     """A group's key-side operands, built once per call."""
 
     kv_heads: torch.Tensor  # [G]
-    vertical_blocks: torch.Tensor  # [G, U] global key block of each compact slot
+    vertical_slots: torch.Tensor  # [G, U] the k / v block holding each compact vertical slot
     k_vert: torch.Tensor  # [B*G, U*bs, D]
     v_vert: torch.Tensor
     doc_vert: Optional[torch.Tensor]  # [B, G, U, bs]
@@ -118,7 +123,8 @@ def _group_operands(g: Group, call: "_Call", num_q_heads: int) -> _Operands:
     dev, dt = k_bhjkd.device, call.qs_bhtd.dtype
     kv_heads = (g.heads // (num_q_heads // k_bhjkd.shape[1])).to(dev)
     u = torch.arange(g.n_vertical)
-    vertical = (g.phase.view(-1, 1) + g.stride * u).clamp(max=k_bhjkd.shape[2] - 1).to(dev)
+    vertical = call.slot((g.phase.view(-1, 1) + g.stride * u).clamp(max=call.n_global - 1)
+                         .to(dev))
     d = k_bhjkd.shape[-1]
     rows = k_bhjkd.shape[0] * len(g.heads)
     k_vert = k_bhjkd[:, kv_heads.view(-1, 1), vertical].to(dt).view(rows, -1, d)
@@ -134,7 +140,7 @@ class _Scores(NamedTuple):
     v_vert: Optional[torch.Tensor]
     k_win: torch.Tensor  # [B*G*n, L*bs, D]
     v_win: torch.Tensor
-    win_blocks: torch.Tensor  # [n, L] key block of each window slot (padding clamped to 0)
+    win_slots: torch.Tensor  # [n, L] k / v block of each window slot (padding: block 0's)
 
 
 def _scores(g: Group, c: Chunk, ops: _Operands, call: "_Call", bs: int, local: int,
@@ -153,10 +159,10 @@ def _scores(g: Group, c: Chunk, ops: _Operands, call: "_Call", bs: int, local: i
     win_blocks = (i0 + torch.arange(n, device=dev)).view(-1, 1) - local + 1 + torch.arange(
         local, device=dev)
     padding = win_blocks < 0
-    win_blocks = win_blocks.clamp(min=0)
+    win_slots = call.slot(win_blocks.clamp(min=0))
     heads = ops.kv_heads.view(-1, 1, 1)
-    k_win = call.k_bhjkd[:, heads, win_blocks].to(dt).view(-1, local * bs, d)
-    v_win = call.v_bhjkd[:, heads, win_blocks].to(dt).view(-1, local * bs, d)
+    k_win = call.k_bhjkd[:, heads, win_slots].to(dt).view(-1, local * bs, d)
+    v_win = call.v_bhjkd[:, heads, win_slots].to(dt).view(-1, local * bs, d)
     win = torch.bmm(q.reshape(-1, bs, d), k_win.transpose(1, 2)).view(b, n_heads, n, bs,
                                                                        local, bs)
     # The last window slot is the diagonal block: the causal triangle.
@@ -179,13 +185,13 @@ def _scores(g: Group, c: Chunk, ops: _Operands, call: "_Call", bs: int, local: i
             tail.masked_fill_(past.to(dev).view(1, n_heads, n, 1, -1, 1), neg)
     if q_doc is not None:
         q_doc_bnq = q_doc[:, rows].reshape(b, 1, n, bs, 1, 1)
-        other = q_doc_bnq != call.k_doc_bjk[:, win_blocks].reshape(b, 1, n, 1, local, bs)
+        other = q_doc_bnq != call.k_doc_bjk[:, win_slots].reshape(b, 1, n, 1, local, bs)
         win.masked_fill_(other.expand(-1, n_heads, -1, -1, -1, -1).reshape(win.shape), neg)
         if vert is not None:
             doc_v = ops.doc_vert[:, :, :c.u].reshape(b, n_heads, 1, 1, c.u * bs)
             other = q_doc[:, rows].reshape(b, 1, n, bs, 1) != doc_v
             vert.masked_fill_(other.reshape(vert.shape), neg)
-    return _Scores(vert, win.view(-1, bs, local * bs), k_vert, v_vert, k_win, v_win, win_blocks)
+    return _Scores(vert, win.view(-1, bs, local * bs), k_vert, v_vert, k_win, v_win, win_slots)
 
 
 def _head_counts(g: Group, c: Chunk, q_block0: int, local: int) -> torch.Tensor:
@@ -229,11 +235,27 @@ class _Call(NamedTuple):
     v_bhjkd: torch.Tensor
     k_doc_bjk: Optional[torch.Tensor]
     groups: tuple[Group, ...]
+    n_global: int  # global key blocks 0 .. n_global - 1 the call may name
+    slots: Optional[torch.Tensor]  # [n_global] global block -> k / v block (None: identity)
+
+    def slot(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks if self.slots is None else self.slots[blocks]
+
+
+def block_slots(k_blocks: Optional[tuple[int, ...]], device: torch.device
+                ) -> Optional[torch.Tensor]:
+    """[last + 1] int64: global key block -> its block in k (absent blocks: 0); None for None."""
+    if k_blocks is None:
+        return None
+    slots = torch.zeros(k_blocks[-1] + 1, dtype=torch.long, device=device)
+    slots[torch.tensor(k_blocks, dtype=torch.long, device=device)] = torch.arange(
+        len(k_blocks), device=device)
+    return slots
 
 
 def _prepare_call(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
                   pattern: S2Pattern, k_doc: Optional[torch.Tensor], *, head_offset: int,
-                  q_start: int, scale: float) -> _Call:
+                  q_start: int, scale: float, k_blocks: Optional[tuple[int, ...]]) -> _Call:
     """Scaled q in the compute dtype and k, v as [B, Hkv, nk, bs, D] blocks, all contiguous (the
     callers pass transposed [B, T, H, D] storage: gathering from that layout costs more than a
     copy)."""
@@ -247,18 +269,21 @@ def _prepare_call(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tens
     k_doc_bjk = None if k_doc is None else k_doc.reshape(b, tk // bs, bs)
     groups = plan(pattern, batch=b, num_q_heads=h, head_offset=head_offset,
                   q_block0=q_start // bs, n_q_blocks=tq // bs)
-    return _Call(qs_bhtd, k_bhjkd, v_bhjkd, k_doc_bjk, groups)
+    n_global = tk // bs if k_blocks is None else k_blocks[-1] + 1
+    return _Call(qs_bhtd, k_bhjkd, v_bhjkd, k_doc_bjk, groups, n_global,
+                 block_slots(k_blocks, q_bhtd.device))
 
 
 def blocked_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor,
                     pattern: S2Pattern, *, head_offset: int, q_start: int, scale: float,
-                    q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]
+                    q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+                    k_blocks: Optional[tuple[int, ...]] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Tq, D] input dtype, lse [B, H, Tq] float32 / float64 for float64)."""
     b, h, tq, d = q_bhtd.shape
     bs, local, q_block0 = pattern.block_size, pattern.local_blocks, q_start // pattern.block_size
     call = _prepare_call(q_bhtd, k_bhtd, v_bhtd, pattern, k_doc, head_offset=head_offset,
-                         q_start=q_start, scale=scale)
+                         q_start=q_start, scale=scale, k_blocks=k_blocks)
     out_bhtd = torch.empty(b, h, tq, d, dtype=q_bhtd.dtype, device=q_bhtd.device)
     lse_bht = torch.empty(b, h, tq, dtype=call.qs_bhtd.dtype, device=q_bhtd.device)
     for g in call.groups:
@@ -281,7 +306,8 @@ def blocked_forward(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Te
 def blocked_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor,
                      v_bhtd: torch.Tensor, out_bhtd: torch.Tensor, lse_bht: torch.Tensor,
                      pattern: S2Pattern, *, head_offset: int, q_start: int, scale: float,
-                     q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor]
+                     q_doc: Optional[torch.Tensor], k_doc: Optional[torch.Tensor],
+                     k_blocks: Optional[tuple[int, ...]] = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq [B, H, Tq, D], dk, dv [B, Hkv, Tk, D]) in the inputs' dtypes, from out and lse."""
     b, h, tq, d = q_bhtd.shape
@@ -289,7 +315,7 @@ def blocked_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torc
     bs, local, q_block0 = pattern.block_size, pattern.local_blocks, q_start // pattern.block_size
     nk = tk // bs
     call = _prepare_call(q_bhtd, k_bhtd, v_bhtd, pattern, k_doc, head_offset=head_offset,
-                         q_start=q_start, scale=scale)
+                         q_start=q_start, scale=scale, k_blocks=k_blocks)
     dt, dev = call.qs_bhtd.dtype, q_bhtd.device
     do_bhtd = dout_bhtd.to(dt).contiguous()
     delta_bht1 = (do_bhtd * out_bhtd.to(dt)).sum(-1, keepdim=True)
@@ -315,7 +341,7 @@ def blocked_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torc
             dq = torch.bmm(ds_win, s.k_win)
             # ds^T (scaled q) is scale * ds^T q: the key gradient.
             # Padding slots read block 0 with probability 0: they add zeros there.
-            slot = (ops.kv_heads.view(-1, 1, 1) * nk + s.win_blocks).reshape(-1)
+            slot = (ops.kv_heads.view(-1, 1, 1) * nk + s.win_slots).reshape(-1)
             dk_bjkd.index_add_(1, slot, torch.bmm(ds_win.transpose(1, 2), qs).view(b, -1, bs, d))
             dv_bjkd.index_add_(1, slot, torch.bmm(s.win.transpose(1, 2), do).view(b, -1, bs, d))
             if s.vert is not None:
@@ -332,8 +358,8 @@ def blocked_backward(dout_bhtd: torch.Tensor, q_bhtd: torch.Tensor, k_bhtd: torc
         base = ops.kv_heads.view(-1, 1) * nk
         if g.n_vertical:
             # compact slots past the key range were clamped duplicates, read by no row
-            keep = (g.phase.view(-1, 1) + g.stride * torch.arange(g.n_vertical)) < nk
-            vert_slot = (base + ops.vertical_blocks)[keep.to(dev)]
+            keep = (g.phase.view(-1, 1) + g.stride * torch.arange(g.n_vertical)) < call.n_global
+            vert_slot = (base + ops.vertical_slots)[keep.to(dev)]
             dk_bjkd.index_add_(1, vert_slot, dk_vert[:, keep.to(dev)])
             dv_bjkd.index_add_(1, vert_slot, dv_vert[:, keep.to(dev)])
     dk_bhtd = dk_bjkd.view(b, hkv, tk, d).to(k_bhtd.dtype)
