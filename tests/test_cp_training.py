@@ -67,7 +67,7 @@ def test_cp_training_matches_cp1_loss_curve(reference_curve, tmp_path, backend, 
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference_curve))
     assert worst < CURVE_RTOL, (worst, losses, reference_curve)
     assert reference_curve[-1] < 0.8 * reference_curve[0], "the curve must actually train"
-    # the canary ran at steps 0, 5, 10, 15 and found the ring equal to dense attention
+    # the canary ran at steps 0, 5, 10, 15 and found the ring equal to exact attention
     checked = [m["attn_parity_err"] for m in metrics if "attn_parity_err" in m]
     assert len(checked) == 4 and max(checked) < 1e-5, checked
 
@@ -84,9 +84,32 @@ def _broken_backend_is_caught(runtime) -> None:
 
     cfg = _run_config(world=2, tp=1, cp=2, backend="ring_off_by_one_percent", check_every=3)
     steps = train(cfg, runtime)
-    with pytest.raises(ParityError, match=r"differs from dense attention by 1\.0\d*e-02"):
+    with pytest.raises(ParityError, match=r"differs from exact attention by 1\.0\d*e-02"):
         next(steps)
 
 
 def test_parity_canary_fails_loudly_on_a_wrong_backend():
     run_distributed(_broken_backend_is_caught, world_size=2, cp=2)
+
+
+def test_the_canary_checks_sampled_blocks_exactly():
+    """At CP = 1 the sampled-block reference equals dense attention (with documents and GQA);
+    a wrong row in the last block is always caught, and the sample changes between checks."""
+    from longtrain.attention.canary import parity_error, sample_rows
+    from longtrain.attention.dense import dense_attention
+    from longtrain.attention.types import AttentionContext, AttentionMeta
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 300, 4, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 300, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    doc = torch.cat([torch.zeros(130), torch.ones(100), torch.full((70,), 2)]).long()[None]
+    meta = AttentionMeta(doc_ids_bt=doc)
+    out = dense_attention(q, k, v, meta, AttentionContext())
+    assert parity_error(q, k, v, out, meta, AttentionContext(), rows=32) < 1e-12
+    wrong = out.clone()
+    wrong[0, 290, 1] += 0.5
+    assert parity_error(q, k, v, wrong, meta, AttentionContext(), rows=32) > 0.05
+    draws = torch.Generator().manual_seed(0)
+    first, second = (sample_rows(300, rows=32, generator=draws) for _ in range(2))
+    assert first[-32:].tolist() == list(range(268, 300)) and len(first) <= 64
+    assert not torch.equal(first, second)

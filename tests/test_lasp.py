@@ -163,7 +163,7 @@ def test_hybrid_training_matches_cp1(hybrid_reference, tmp_path, method, softmax
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, hybrid_reference))
     assert worst < CURVE_RTOL, (worst, losses, hybrid_reference)
     assert hybrid_reference[-1] < 0.8 * hybrid_reference[0], "the curve must actually train"
-    # the canary compared the softmax layer with dense attention at steps 0, 5, 10, 15
+    # the canary compared the softmax layer with exact attention at steps 0, 5, 10, 15
     checked = [m["attn_parity_err"] for m in metrics if "attn_parity_err" in m]
     assert len(checked) == 4 and max(checked) < 1e-5, checked
 

@@ -2,7 +2,8 @@
 every op's outputs are recorded by a dispatch hook during one micro-batch of packed documents
 (16 per sequence, crossing the CP ranks' boundaries), and a tensor with two dimensions as long
 as this rank's share of the sequence is a failure. The model's other dimensions (vocabulary,
-hidden, MLP, heads) are kept well below that length, so only a [T, T]-like tensor stands out."""
+hidden, MLP, heads) are kept well below that length, so only a [T, T]-like tensor stands out.
+The parity canary checks the first softmax layer within the same step (and finds it exact)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def _packed_docs(length: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _worker(runtime, backend: str, softmax: str, pattern: str, out_path: str) -> None:
+    from longtrain.attention import canary as canary_module
     from longtrain.config.schema import RunConfig
     from longtrain.parallel.layout import split_for_cp
     from longtrain.train.build import attention_context, build_model
@@ -63,6 +65,11 @@ def _worker(runtime, backend: str, softmax: str, pattern: str, out_path: str) ->
     cfg.parallel.world_size, cfg.parallel.cp = runtime.dims.world_size, runtime.dims.cp
     cfg.train.loss_chunk = 256
     model = build_model(cfg, runtime)
+    # the parity canary runs in the step too (its constant-size [H, sampled rows, key chunk]
+    # scores bounded below the watch's bound)
+    canary_module.SCORE_ELEMENTS = 1 << 16
+    canary = canary_module.install(model)
+    canary.arm(tol=None)
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 256, (1, LENGTH), generator=gen)
     doc = _packed_docs(LENGTH, gen)
@@ -76,6 +83,7 @@ def _worker(runtime, backend: str, softmax: str, pattern: str, out_path: str) ->
         loss = chunked_loss_sum(model.logits, hidden, shard(tokens), chunk=cfg.train.loss_chunk)
         loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert canary.last_error is not None and canary.last_error < 1e-5, canary.last_error
     torch.save(watch.found, f"{out_path}.{runtime.rank}")
 
 

@@ -90,8 +90,9 @@ class AttentionConfig:
     # ulysses_ring: size of the all-to-all (head) dimension; the ring spans cp / ulysses_degree.
     # 0 -> ulysses: all of cp; ulysses_ring: 2.
     ulysses_degree: int = 0
-    # Parity canary: at step 0 and every N steps recompute layer 0's attention densely and
-    # fail if the context-parallel result differs by more than check_tol (0 disables).
+    # Parity canary: at step 0 and every N steps recompute the first softmax layer's attention
+    # exactly on sampled query blocks (memory independent of the length) and fail if the
+    # context-parallel result differs by more than check_tol (0 disables).
     check_every: int = 0
     # None -> 1e-4 in fp32, 2e-2 in bf16 (relative to the largest reference value)
     check_tol: Optional[float] = None

@@ -26,6 +26,17 @@ def split_for_cp(x: torch.Tensor, *, cp_size: int, cp_rank: int, dim: int = 1) -
     return torch.cat([chunks[first], chunks[second]], dim=dim)
 
 
+def zigzag_positions(t_local: int, *, cp_size: int, cp_rank: int,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """[t_local] int64: the global sequence index of each row of this rank's shard."""
+    if cp_size == 1:
+        return torch.arange(t_local, device=device)
+    length = t_local // 2
+    first, second = zigzag_chunk_ids(cp_size, cp_rank)
+    rows = torch.arange(length, device=device)
+    return torch.cat([first * length + rows, second * length + rows])
+
+
 def unsplit_from_cp(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor:
     """Inverse of `split_for_cp`: rebuild the global tensor from every rank's shard (in rank order)."""
     cp_size = len(shards)
