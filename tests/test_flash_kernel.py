@@ -184,6 +184,33 @@ def test_naive_backward_with_global_lse_is_exact_gradient() -> None:
     assert err <= FP32_RTOL, f"{bad} rel err {err:.2e}"
 
 
+def test_tiles_sharing_no_document_are_skipped() -> None:
+    """A ring block whose queries are all in document 1 and whose first 48 keys are document
+    0: those key tiles hold NaN and are never read (out, lse, dq exact, dk / dv exactly 0
+    there); a masked-but-computed tile would turn the whole output NaN (0 * NaN)."""
+    gen = torch.Generator().manual_seed(21)
+    b, tq, tk, hq, hkv = 1, 32, 96, 2, 1
+    q = _rand((b, tq, hq, D), dtype=torch.float32, gen=gen)
+    k, v = (_rand((b, tk, hkv, D), dtype=torch.float32, gen=gen) for _ in range(2))
+    dout = _rand((b, tq, hq, D), dtype=torch.float32, gen=gen)
+    opts = dict(causal=True, q_offset=100, k_offset=0,
+                q_doc=_docs([(1, tq)], b), k_doc=_docs([(0, 48), (1, 48)], b))
+    ref_out, ref_lse = attention_block_naive(*_d64(q, k, v), scale=SCALE, **opts)
+    ref_grads = attention_block_naive_backward(*_d64(dout, q, k, v, ref_out), ref_lse,
+                                               scale=SCALE, **opts)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :48], v_bad[:, :48] = float("nan"), float("nan")
+    blocks = dict(block_m=16, block_n=16)
+    out, lse = flash_block_forward(q, k_bad, v_bad, scale=SCALE, **opts, **blocks)
+    dq, dk, dv = flash_block_backward(dout, q, k_bad, v_bad, out, lse, scale=SCALE, **opts,
+                                      **blocks)
+    assert rel_err(out, ref_out) <= FP32_RTOL and rel_err(lse, ref_lse) <= FP32_RTOL
+    assert rel_err(dq, ref_grads[0]) <= FP32_RTOL
+    for got, want in zip((dk, dv), ref_grads[1:]):
+        assert torch.equal(got[:, :48], torch.zeros_like(got[:, :48]))
+        assert rel_err(got[:, 48:], want[:, 48:]) <= FP32_RTOL
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     return t(torch.nn.functional.scaled_dot_product_attention(

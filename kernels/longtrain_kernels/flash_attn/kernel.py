@@ -6,7 +6,10 @@ heads per key/value head, D head dim (HEAD_DIM). A program owns a tile of BLOCK_
 Scores are kept in the log2 domain: s2 = scale * log2(e) * q.k, so softmax is one exp2.
 Inner tiles are visited in two phases: tiles where every entry is allowed by the causal rule
 and in bounds (no mask work), then the tiles that need the element mask. Tiles that are
-entirely above the causal diagonal are never visited. Document ids mask every tile.
+entirely above the causal diagonal are never visited. Document ids mask every tile, and a
+tile whose ids on one side all fall outside the other side's [min, max] id range is skipped
+(its loads and dots are not done): with packed documents the far tiles of a long block are
+skipped instead of computed and masked.
 
 Host code that allocates and launches these lives in launch.py; the kernels only read strides
 of the batch, time and head dims (the head dim is contiguous).
@@ -34,6 +37,15 @@ def _allowed(offs_m, offs_n, q_doc, KDOC, Tq, Tk, q_offset, k_offset,
         k_doc = tl.load(KDOC + offs_n, mask=offs_n < Tk, other=-1)
         allowed = allowed & (q_doc[:, None] == k_doc[None, :])
     return allowed
+
+
+@triton.jit
+def _docs_overlap(DOC, start, T, lo, hi, BLOCK: tl.constexpr):
+    """Whether any id of DOC[start : start + BLOCK] lies in [lo, hi] (padding reads -1, which
+    only ever keeps a tile): a tile outside it shares no document with the other side's."""
+    offs = start + tl.arange(0, BLOCK)
+    ids = tl.load(DOC + offs, mask=offs < T, other=-1)
+    return (tl.max(ids, 0) >= lo) & (tl.min(ids, 0) <= hi)
 
 
 @triton.jit
@@ -83,10 +95,20 @@ def _fwd_tiles(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt
                n_start, n_end, Tq, Tk, q_offset, k_offset, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if HAS_DOC:
+        q_lo, q_hi = tl.min(q_doc, 0), tl.max(q_doc, 0)
     for n0 in range(n_start, n_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt,
-                                  stride_vt, n0, Tq, Tk, q_offset, k_offset, qk_scale,
-                                  BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
+        if HAS_DOC:
+            # a tile whose keys share no document with the rows is skipped
+            if _docs_overlap(KDOC, n0, Tk, q_lo, q_hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC,
+                                          stride_kt, stride_vt, n0, Tq, Tk, q_offset, k_offset,
+                                          qk_scale, BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC,
+                                          DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, offs_m, q_doc, K, V, KDOC, stride_kt,
+                                      stride_vt, n0, Tq, Tk, q_offset, k_offset, qk_scale,
+                                      BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -216,10 +238,18 @@ def _dq_tiles(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt, stri
               n_start, n_end, Tq, Tk, q_offset, k_offset, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if HAS_DOC:
+        q_lo, q_hi = tl.min(q_doc, 0), tl.max(q_doc, 0)
     for n0 in range(n_start, n_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt, stride_vt,
-                      n0, Tq, Tk, q_offset, k_offset, qk_scale,
-                      BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
+        if HAS_DOC:
+            if _docs_overlap(KDOC, n0, Tk, q_lo, q_hi, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt,
+                              stride_vt, n0, Tq, Tk, q_offset, k_offset, qk_scale,
+                              BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
+        else:
+            dq = _dq_tile(dq, q, do, lse2, delta, offs_m, q_doc, K, V, KDOC, stride_kt,
+                          stride_vt, n0, Tq, Tk, q_offset, k_offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, DOT_PRECISION)
     return dq
 
 
@@ -264,44 +294,68 @@ def flash_bwd_dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, QDOC, KDOC,
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, offs_n, k_doc, Q, DO, LSE2, DELTA, QDOC, stride_qt, stride_dot,
+               m0, Tq, q_offset, k_offset, qk_scale,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, EVEN_M: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """dk, dv plus the query tile at rows m0 .. m0 + BLOCK_M's share."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    qt_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None]
+    do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]
+    # Padding rows load lse2 = +inf (probability 0), so their q and dO can be anything.
+    if EVEN_M:
+        qt = tl.load(qt_ptrs)
+        do = tl.load(do_ptrs)
+        lse2 = tl.load(LSE2 + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    else:
+        row_ok = offs_m < Tq
+        qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
+    s2t = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale
+    pt = tl.exp2(s2t - lse2[None, :])
+    if MASKED or HAS_DOC:
+        if HAS_DOC:
+            q_doc = tl.load(QDOC + offs_m, mask=offs_m < Tq, other=-1)
+            allowed = q_doc[None, :] == k_doc[:, None]
+        else:
+            allowed = (offs_n[:, None] >= 0) & (offs_m[None, :] >= 0)
+        if MASKED and CAUSAL:
+            allowed = allowed & ((k_offset + offs_n)[:, None] <= (q_offset + offs_m)[None, :])
+        pt = tl.where(allowed, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, offs_n, k_doc, Q, DO, LSE2, DELTA, QDOC, stride_qt, stride_dot,
                 m_start, m_end, Tq, q_offset, k_offset, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+    if HAS_DOC:
+        k_lo, k_hi = tl.min(k_doc, 0), tl.max(k_doc, 0)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        qt_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None]
-        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]
-        # Padding rows load lse2 = +inf (probability 0), so their q and dO can be anything.
-        if EVEN_M:
-            qt = tl.load(qt_ptrs)
-            do = tl.load(do_ptrs)
-            lse2 = tl.load(LSE2 + offs_m)
-            delta = tl.load(DELTA + offs_m)
+        if HAS_DOC:
+            # a query tile that shares no document with the keys is skipped
+            if _docs_overlap(QDOC, m0, Tq, k_lo, k_hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, k_doc, Q, DO, LSE2, DELTA, QDOC,
+                                    stride_qt, stride_dot, m0, Tq, q_offset, k_offset,
+                                    qk_scale, BLOCK_M, HEAD_DIM, MASKED, CAUSAL, HAS_DOC,
+                                    EVEN_M, DOT_PRECISION)
         else:
-            row_ok = offs_m < Tq
-            qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-        # Transposed scores: [BLOCK_N keys, BLOCK_M queries].
-        s2t = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(s2t - lse2[None, :])
-        if MASKED or HAS_DOC:
-            if HAS_DOC:
-                q_doc = tl.load(QDOC + offs_m, mask=offs_m < Tq, other=-1)
-                allowed = q_doc[None, :] == k_doc[:, None]
-            else:
-                allowed = (offs_n[:, None] >= 0) & (offs_m[None, :] >= 0)
-            if MASKED and CAUSAL:
-                allowed = allowed & ((k_offset + offs_n)[:, None] <= (q_offset + offs_m)[None, :])
-            pt = tl.where(allowed, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+            dk, dv = _dkdv_tile(dk, dv, k, v, offs_n, k_doc, Q, DO, LSE2, DELTA, QDOC,
+                                stride_qt, stride_dot, m0, Tq, q_offset, k_offset, qk_scale,
+                                BLOCK_M, HEAD_DIM, MASKED, CAUSAL, HAS_DOC, EVEN_M,
+                                DOT_PRECISION)
     return dk, dv
 
 
