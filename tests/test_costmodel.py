@@ -213,3 +213,18 @@ def test_check_prints_the_prediction_and_the_recommendation():
     assert "recommended layouts" in out and "1. parallel.tp=" in out
     # the memory verdict is the cluster's 80 GiB devices, not this machine's RAM
     assert "budget 80.00 GiB: fits" in out
+
+
+def test_the_chunked_loss_costs_one_more_lm_head_forward():
+    """train.loss_chunk below a rank's share of the sequence: the head's forward again, over
+    this rank's tokens, at the GEMM efficiency (times the memory policy's factor); MFU's model
+    FLOPs do not count it."""
+    h100 = cluster.PRESETS["h100-8x8-ib400"]
+    whole = cm.predict(_cfg(train__loss_chunk=0), h100)
+    chunked = cm.predict(_cfg(train__loss_chunk=4096), h100)
+    cost = cm.recompute_cost(cm.Shape.of(_cfg()), cm.Policy())
+    extra = 2.0 * 4096 * 32000 * 131072 / 64 / (989e12 * h100.gemm_eff) * cost
+    assert chunked.compute_s - whole.compute_s == pytest.approx(extra, rel=1e-9)
+    # one chunk covers the rank's 16K tokens: nothing recomputed
+    assert cm.predict(_cfg(train__loss_chunk=16384), h100).compute_s == whole.compute_s
+    assert chunked.mfu < whole.mfu

@@ -48,7 +48,9 @@ balances causal work, so every rank gets 1/c of a layer's attention):
 
 Memory policy: the planner's recompute factor multiplies the compute; with memory.offload
 the saved activations go to the host (`Cluster.host`) during the forward and come back
-during the backward, exposed where they take longer than that compute.
+during the backward, exposed where they take longer than that compute. The chunked loss
+(`train.loss_chunk` below a rank's T/c tokens) runs the LM head's forward once more, at the
+GEMM efficiency.
 
 Not modelled: the optimizer step, the LM head's and the norms' memory-bound kernels, kernel
 launch gaps, the recomputed forward's communication, and contention between TP and CP traffic
@@ -181,6 +183,12 @@ def layout_overrides(cfg: Any) -> str:
     return out
 
 
+def loss_recompute_flops(cfg: Any, *, sequences: int) -> float:
+    """The LM head's forward once more over `sequences` sequences: what `train.loss_chunk`
+    costs (each chunk's logits are recomputed in the backward instead of kept)."""
+    return 2.0 * cfg.model.hidden_size * cfg.model.vocab_size * cfg.data.seq_len * sequences
+
+
 def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Prediction:
     """Predicted optimizer-step time of the run config on `cluster` under its memory policy
     (`memory.*`): the policy's recompute factor (`cost`, default the planner's) multiplies the
@@ -202,6 +210,9 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     # one micro-batch on one rank
     mb = step_flops(cfg, sequences=b)
     matmul_s = mb.matmul / (tp * c) / (peak * cluster.gemm_eff)
+    if 0 < cfg.train.loss_chunk < t_len // c:
+        # the chunked loss runs each chunk's LM head again in the backward (not model FLOPs)
+        matmul_s += loss_recompute_flops(cfg, sequences=b) / (tp * c) / (peak * cluster.gemm_eff)
     # fwd+bwd attention compute, summed over the layers below
     attention_s = 0.0
     cp_link, tp_link = cluster.link(tp * c), cluster.link(tp)
