@@ -21,3 +21,23 @@ def test_a_document_in_two_runs_is_refused_naming_it():
         segment_pairs(torch.tensor([1, 1, 2, 1]), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="document id 0 forms more than one run of the key"):
         segment_pairs(torch.tensor([0]), torch.tensor([0, 1, 0]))
+
+
+def test_rank_attention_work_counts_same_document_causal_pairs():
+    """Against a brute force over every (query, key) pair of each rank's zigzag shard; one
+    document filling the sequence is balanced exactly, packed ones are not."""
+    from longtrain.parallel.layout import rank_attention_work, split_for_cp
+
+    lengths, cp = [5, 17, 2, 40], 2
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    pos = torch.arange(doc.numel())
+    for rank, got in enumerate(rank_attention_work(lengths, cp_size=cp)):
+        q_doc, q_pos = (split_for_cp(x[None], cp_size=cp, cp_rank=rank)[0] for x in (doc, pos))
+        brute = ((doc[None, :] == q_doc[:, None]) & (pos[None, :] <= q_pos[:, None])).sum()
+        assert got == float(brute)
+    one = rank_attention_work([64], cp_size=4)
+    assert max(one) == min(one)
+    assert max(rank_attention_work(lengths, cp_size=cp)) > 1.05 * min(
+        rank_attention_work(lengths, cp_size=cp))
+    with pytest.raises(ValueError, match="2 \\* cp = 4"):
+        rank_attention_work([5, 6], cp_size=2)

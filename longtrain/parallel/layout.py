@@ -47,3 +47,16 @@ def unsplit_from_cp(shards: list[torch.Tensor], *, dim: int = 1) -> torch.Tensor
         first, second = zigzag_chunk_ids(cp_size, rank)
         chunks[first], chunks[second] = shard.chunk(2, dim=dim)
     return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+
+
+def rank_attention_work(doc_lengths: list[int], *, cp_size: int) -> list[float]:
+    """Causal same-document (query, key) pairs each rank's zigzag shard computes, for one
+    sequence packed from documents of these lengths (their sum divisible by 2 * cp_size):
+    max / mean over ranks is the load imbalance of packed data under zigzag."""
+    work = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) for n in doc_lengths])
+    if work.numel() % (2 * cp_size):
+        raise ValueError(f"documents of {work.numel()} tokens in all do not split into "
+                         f"2 * cp = {2 * cp_size} chunks")
+    chunks = work.view(2 * cp_size, -1).sum(1)
+    return [float(chunks[a] + chunks[b]) for a, b in
+            (zigzag_chunk_ids(cp_size, r) for r in range(cp_size))]
