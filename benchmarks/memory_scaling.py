@@ -3,7 +3,9 @@ on packed documents: one training step's peak beside the planner's estimate, and
 sequence a 24 GiB machine fits on two ranks; prints tables and writes a section of
 BENCHMARKS.md.
 
-    python -m benchmarks.memory_scaling --lengths 8192,16384,32768 --out BENCHMARKS.md
+    python -m benchmarks.memory_scaling --lengths 8192,16384,32768,65536 --out BENCHMARKS.md \
+        --plot benchmarks/memory_scaling.png
+    python -m benchmarks.memory_scaling --model wide --lengths 2048,4096 --out BENCHMARKS.md
 
 Legend: T global sequence length, c the CP degree; MiB per rank (the largest rank). How each
 figure is measured is `METHOD` below, which also goes into BENCHMARKS.md with the tables.
@@ -36,19 +38,30 @@ CONFIGS = (
     ("ring", "ring", "allgather", "", 4),
     ("ulysses_ring 2x2", "ulysses_ring", "allgather", "", 4),
 )
-# the default tiny model with a byte vocabulary: its activations dominate its state
-MODEL = dict(vocab_size=256)
+# `--model`: the default tiny model with a byte vocabulary (its activations dominate its
+# state), or a wide one: Llama-3-8B's width and vocabulary on two layers (the LM head and the
+# loss dominate), with the backends whose activations differ most
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256),
+    "wide": dict(vocab_size=131072, hidden_size=2048, intermediate_size=5632, num_layers=2,
+                 num_heads=16, num_kv_heads=4),
+}
+LOSS_CHUNK = {"tiny": 4096, "wide": 1024}
+WIDE_CONFIGS = ("dense", "ring", "ulysses", "lasp2 + allgather (LS)")
 LENGTHS = (8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)
 MACHINE_GIB = 24.0
 TARGET_VS_RING, TARGET_ESTIMATE = 1.25, 0.15
 TITLE = "Memory scaling: activation memory per rank vs sequence length, every backend"
+TITLE_WIDE = ("Memory scaling, wide model (hidden 2048, vocabulary 131072): activation memory "
+              "per rank vs sequence length")
 
 METHOD = """\
 - **One training step per (backend, CP, T)**, each in its own world of c gloo processes x 1
-  thread: every rank builds the model (`train.build.build_model`: the tiny model of
-  conf/model/tiny.yaml with a 256-id vocabulary, fp32, memory policy none, `train.loss_chunk`
-  4096), then runs one micro-batch of T seeded random tokens packed as 16 documents (random
+  thread: every rank builds the model (`train.build.build_model`; `--model tiny`: the tiny
+  model of conf/model/tiny.yaml with a 256-id vocabulary, `train.loss_chunk` 4096; `--model
+  wide`: hidden 2048, MLP 5632, 16 / 4 heads, vocabulary 131072, untied, 2 layers,
+  `train.loss_chunk` 1024; fp32, memory policy none), then runs one micro-batch of T seeded random tokens packed as 16 documents (random
   boundaries, crossing the ranks' zigzag shards): `model(..., head=False)`, the chunked loss
   (`train.loss.chunked_loss_sum`) and its backward. No optimizer step.
 - **Peak MiB/rank**: glibc's mmap threshold pinned at 64 KiB (every tensor its own mapping,
@@ -84,12 +97,13 @@ def _packed(length: int, gen: torch.Generator) -> torch.Tensor:
     return doc[None]
 
 
-def run_config(backend: str, softmax: str, pattern: str, cp: int) -> Any:
+def run_config(backend: str, softmax: str, pattern: str, cp: int, model: str = "tiny") -> Any:
     from longtrain.config.schema import RunConfig
 
     cfg = RunConfig()
-    for k, v in MODEL.items():
+    for k, v in MODELS[model].items():
         setattr(cfg.model, k, v)
+    cfg.train.loss_chunk = LOSS_CHUNK[model]
     cfg.model.layer_pattern = pattern
     cfg.attention.backend, cfg.attention.softmax = backend, softmax
     cfg.parallel.world_size, cfg.parallel.cp = cp, cp
@@ -113,15 +127,15 @@ def _step(runtime: Any, model: Any, cfg: Any, length: int) -> None:
         p.grad = None
 
 
-def _worker(runtime: Any, backend: str, softmax: str, pattern: str, lengths: list[int],
-            path: str) -> None:
+def _worker(runtime: Any, backend: str, softmax: str, pattern: str, model_name: str,
+            lengths: list[int], path: str) -> None:
     import torch.distributed as dist
 
     from longtrain.observability.resources import reset_peak_rss, status_kib
     from longtrain.train.build import build_model
 
     _pin_mmap_threshold()
-    cfg = run_config(backend, softmax, pattern, runtime.dims.cp)
+    cfg = run_config(backend, softmax, pattern, runtime.dims.cp, model_name)
     model = build_model(cfg, runtime)
     _step(runtime, model, cfg, 256 * runtime.dims.cp)
     peaks = []
@@ -173,14 +187,19 @@ def _run_world(args: tuple, *, cp: int, cp_sizes: Optional[tuple[int, int]]
             return None, _reason(exc)
 
 
-def measure(lengths: list[int], configs: tuple = CONFIGS) -> list[Row]:
+def configs_for(model: str) -> tuple:
+    return CONFIGS if model == "tiny" else tuple(c for c in CONFIGS
+                                                 if c[0] in WIDE_CONFIGS and c[4] <= 2)
+
+
+def measure(lengths: list[int], model: str = "tiny") -> list[Row]:
     from longtrain.attention.plan import cp_group_sizes
 
     rows = []
-    for label, backend, softmax, pattern, cp in configs:
-        cfg = run_config(backend, softmax, pattern, cp)
+    for label, backend, softmax, pattern, cp in configs_for(model):
+        cfg = run_config(backend, softmax, pattern, cp, model)
         # one world per backend and CP, every length in it (each step's peak measured alone)
-        got, why = _run_world((backend, softmax, pattern, lengths), cp=cp,
+        got, why = _run_world((backend, softmax, pattern, model, lengths), cp=cp,
                               cp_sizes=cp_group_sizes(cfg.attention, cp))
         for i, length in enumerate(lengths):
             peak = None if got is None else got["peaks"][i] / MIB
@@ -199,12 +218,12 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def longest_on_machine(rows: list[Row], *, cp: int = 2, gib: float = MACHINE_GIB
-                       ) -> dict[str, Optional[int]]:
+def longest_on_machine(rows: list[Row], *, cp: int = 2, gib: float = MACHINE_GIB,
+                       model: str = "tiny") -> dict[str, Optional[int]]:
     """Per backend at `cp`: the T where `cp` ranks of (model state + the fitted peak) reach
     `gib` GiB in all."""
     out: dict[str, Optional[int]] = {}
-    for label, backend, softmax, pattern, c in CONFIGS:
+    for label, backend, softmax, pattern, c in configs_for(model):
         if c != cp:
             continue
         pts = [(r.length, r.peak_mib * MIB) for r in rows
@@ -213,17 +232,17 @@ def longest_on_machine(rows: list[Row], *, cp: int = 2, gib: float = MACHINE_GIB
             out[label] = None
             continue
         a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
-        room = gib * GIB / cp - state_bytes(run_config(backend, softmax, pattern, cp)) - a
+        room = gib * GIB / cp - state_bytes(run_config(backend, softmax, pattern, cp, model)) - a
         out[label] = int(room / b) if b > 0 else None
     return out
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], model: str = "tiny") -> str:
     lengths = sorted({r.length for r in rows})
     head = ["backend", "CP"] + [f"T={n // 1024}K MiB (est., meas./est.)" for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ring = {(r.cp, r.length): r.peak_mib for r in rows if r.backend == "ring"}
-    for label, _, _, _, cp in CONFIGS:
+    for label, _, _, _, cp in configs_for(model):
         cells = [label, str(cp)]
         for n in lengths:
             r = next((x for x in rows if x.label == label and x.cp == cp and x.length == n),
@@ -259,11 +278,47 @@ def verdicts(rows: list[Row], fits: dict[str, Optional[int]]) -> list[str]:
     return out
 
 
+def plot(rows: list[Row], path: str, model: str) -> None:
+    """Peak MiB per rank vs T, one line per backend and CP (log-log: linear growth is a
+    slope of 1), the planner's estimates as dotted lines of the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, (label, _, _, _, cp) in enumerate(configs_for(model)):
+        pts = sorted((r.length, r.peak_mib, r.estimate_mib) for r in rows
+                     if r.label == label and r.cp == cp and r.peak_mib is not None)
+        if not pts:
+            continue
+        n, peak, est = zip(*pts)
+        ax.plot(n, peak, marker="o", color=f"C{i}", label=f"{label}, CP={cp}")
+        ax.plot(n, est, linestyle=":", color=f"C{i}")
+    lengths = sorted({r.length for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+    ax.set_xlabel("sequence length T (16 packed documents)")
+    ax.set_ylabel("peak MiB per rank of one step (dotted: planner)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{model} model, {machine()}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[list[str]] = None) -> list[Row]:
     p = argument_parser(__doc__, METHOD)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
                    help="comma-separated global sequence lengths (multiples of 8)")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                   help="tiny (every backend) or wide (hidden 2048, vocabulary 131072, 2 "
+                        "layers; dense, ring, ulysses and lasp2 at CP <= 2)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: lengths {QUICK_LENGTHS}")
+    p.add_argument("--plot", default=None, help="write a PNG of memory vs T here")
     add_output_args(p)
     args = p.parse_args(argv)
     lengths = list(QUICK_LENGTHS) if args.quick else [int(x) for x in args.lengths.split(",")]
@@ -271,18 +326,28 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if odd:
         raise ValueError(f"--lengths {odd} are not positive multiples of 8 (2 x CP=4)")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
-    rows = measure(lengths)
-    fits = longest_on_machine(rows)
+    rows = measure(lengths, args.model)
+    fits = longest_on_machine(rows, model=args.model)
     print(f"# {machine()}")
-    print(table(rows))
+    print(table(rows, args.model))
     print("\n".join(verdicts(rows, fits)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": [asdict(r) for r in rows], "longest_t_cp2": fits}, f, indent=1)
+            json.dump({"model": args.model, "rows": [asdict(r) for r in rows],
+                       "longest_t_cp2": fits}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, args.model)
     if args.out:
+        name, title = (("memory_scaling", TITLE) if args.model == "tiny" else
+                       ("memory_scaling_wide", TITLE_WIDE))
+        figure = []
+        if args.plot:
+            where = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))
+            figure = [f"![memory per rank vs T]({where})"]
         body = join_section([f"`{command_line('benchmarks.memory_scaling', argv)}` on "
-                             f"{machine()}.", table(rows)], verdicts(rows, fits), METHOD)
-        replace_section(args.out, "memory_scaling", TITLE, body)
+                             f"{machine()}.", table(rows, args.model), *figure],
+                            verdicts(rows, fits), METHOD)
+        replace_section(args.out, name, title, body)
     return rows
 
 
