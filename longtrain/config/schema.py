@@ -350,8 +350,10 @@ class LoggingConfig:
     every: int = 1
     # the console progress bar on the driver
     progress: bool = True
-    # per-device peak (TFLOP/s) that MFU is measured against; None: a GEMM in the training
-    # dtype is timed on every device at start (the peak this hardware reaches in practice)
+    # per-device peak (TFLOP/s) that MFU is measured against; None: the device's dense
+    # datasheet peak in the training dtype (longtrain/observability/peaks.py), or where the
+    # table has none (CPU, an unknown GPU) a GEMM timed on every device at start; the metric
+    # mfu_peak_source says which, and mfu_vs_gemm is MFU against the measured GEMM
     peak_tflops: Optional[float] = None
 
 
