@@ -271,6 +271,10 @@ class TrainConfig:
     # the micro-batch, each recomputed in the backward, so the [tokens, vocab] logits and
     # their float32 copy exist one chunk at a time (0: the whole sequence at once).
     loss_chunk: int = 4096
+    # Regional torch.compile: each decoder layer's forward is compiled (inductor), fusing the
+    # element-wise work around the matmuls (RMSNorm, RoPE, SwiGLU, residual adds); the core
+    # attention keeps its own kernels. The first steps pay for the compilation.
+    compile: bool = False
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
     save_hf: bool = True
     # Progressive length schedule, e.g. 4K -> 16K -> 64K:
