@@ -191,9 +191,23 @@ def _train_worker(runtime, out_path: str) -> None:
     cfg.checkpoint.resume, cfg.checkpoint.every, cfg.checkpoint.save_final = "never", 0, False
     validate(cfg)
     metrics = [{k: float(v) for k, v in m.items()} for m in train(cfg, runtime)]
+    # packed documents: attention counted at the pairs within each document
+    cfg.data.docs_per_seq = 2
+    validate(cfg)
+    packed = [{k: float(v) for k, v in m.items()} for m in train(cfg, runtime)]
     if runtime.rank == 0:
+        from longtrain.attention.segments import runs
+        from longtrain.data.loader import global_batch
+        from longtrain.observability.flops import document_pairs
+
+        packed_flops = []
+        for step in range(cfg.train.steps):
+            _, doc_bt1 = global_batch(cfg.data, [2 * step, 2 * step + 1])
+            pairs = sum(document_pairs(n for _, _, n in runs(row[:-1])) for row in doc_bt1)
+            packed_flops.append(step_flops(cfg).with_pairs(pairs).total)
         with open(out_path, "w") as f:
-            json.dump({"metrics": metrics, "flops": step_flops(cfg).total}, f)
+            json.dump({"metrics": metrics, "flops": step_flops(cfg).total, "packed": packed,
+                       "packed_flops": packed_flops}, f)
 
 
 def test_training_reports_mfu_memory_over_ranks_and_exposed_comm(tmp_path):
@@ -212,6 +226,12 @@ def test_training_reports_mfu_memory_over_ranks_and_exposed_comm(tmp_path):
         assert m["tflops"] == pytest.approx(got["flops"] / m["step_time_s"] / 2 / 1e12)
         assert m["peak_tflops"] == 0.5
         assert m["mfu"] == pytest.approx(m["tflops"] / 0.5)
+        # the denominator is the configured one; the GEMM ratio beside it
+        assert m["mfu_peak_source"] == 1
+        assert m["mfu_vs_gemm"] == pytest.approx(m["tflops"] / m["gemm_tflops"])
+    for m, flops in zip(got["packed"], got["packed_flops"]):
+        assert flops < got["flops"]
+        assert m["tflops"] == pytest.approx(flops / m["step_time_s"] / 2 / 1e12)
 
 
 def test_measured_gemm_peak_and_cpu_peak_memory():

@@ -272,6 +272,10 @@ class TrainConfig:
     # the micro-batch, each recomputed in the backward, so the [tokens, vocab] logits and
     # their float32 copy exist one chunk at a time (0: the whole sequence at once).
     loss_chunk: int = 4096
+    # Regional torch.compile: each decoder layer's forward is compiled (inductor), fusing the
+    # element-wise work around the matmuls (RMSNorm, RoPE, SwiGLU, residual adds); the core
+    # attention keeps its own kernels. The first steps pay for the compilation.
+    compile: bool = False
     # Write the final weights as a Hugging Face directory (<output_dir>/hf) at the end.
     save_hf: bool = True
     # Progressive length schedule, e.g. 4K -> 16K -> 64K:
@@ -351,8 +355,10 @@ class LoggingConfig:
     every: int = 1
     # the console progress bar on the driver
     progress: bool = True
-    # per-device peak (TFLOP/s) that MFU is measured against; None: a GEMM in the training
-    # dtype is timed on every device at start (the peak this hardware reaches in practice)
+    # per-device peak (TFLOP/s) that MFU is measured against; None: the device's dense
+    # datasheet peak in the training dtype (longtrain/observability/peaks.py), or where the
+    # table has none (CPU, an unknown GPU) a GEMM timed on every device at start; the metric
+    # mfu_peak_source says which, and mfu_vs_gemm is MFU against the measured GEMM
     peak_tflops: Optional[float] = None
 
 

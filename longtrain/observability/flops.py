@@ -13,6 +13,10 @@ Per token and layer, the projections: q|k|v 2h(Hq + 2Hkv)D, output 2 Hq D h, Swi
 Attention per sequence and layer, forward (Q K^T and P V: 4 D per (query, key) pair and head):
 - softmax (dense, ring, ulysses, ulysses_ring, allgather): the causal pairs, T (T + 1) / 2 per
   head. Every CP layout computes the same pairs (zigzag balances them, it does not add any).
+  With packed documents the useful pairs are those within each document, the sum over
+  documents of L (L + 1) / 2 (`document_pairs`); a token at position p of its document (0
+  first) is the query of p + 1 of them, so the count is also the sum over tokens of p + 1
+  (`pairs_of_positions`), which adds up over any split of the tokens (CP shards, DP ranks).
 - s2: only the (query block, key block) pairs the head's pattern visits (a diagonal block has
   bs (bs + 1) / 2 pairs, any other bs^2); dense heads and the layers `attention.s2` keeps dense
   count as softmax.
@@ -31,6 +35,19 @@ LIGHTNING_BLOCK = 64
 
 def causal_pairs(t: int) -> int:
     return t * (t + 1) // 2
+
+
+def document_pairs(lengths: Any) -> int:
+    """Causal (query, key) pairs within documents of the given lengths: sum L (L + 1) / 2."""
+    return sum(causal_pairs(int(n)) for n in lengths)
+
+
+def pairs_of_positions(positions: Any) -> int:
+    """Causal same-document pairs whose query is one of the given tokens, from their positions
+    within their documents (0 at each document's first token; a tensor of any shape):
+    sum (p + 1). Over all the tokens of packed sequences it equals `document_pairs` of their
+    documents, however the tokens are split."""
+    return int((positions.long() + 1).sum())
 
 
 def s2_pairs(pattern: Any, t: int) -> int:

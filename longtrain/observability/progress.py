@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, TextIO
 
+from longtrain.observability.peaks import source_words
+
 
 @dataclass
 class RunSummary:
@@ -14,9 +16,13 @@ class RunSummary:
     losses: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     mfu: list[float] = field(default_factory=list)
+    mfu_vs_gemm: list[float] = field(default_factory=list)
     comm_frac: list[float] = field(default_factory=list)
     mem_peak_gib: float = 0.0
     peak_tflops: float = float("nan")
+    gemm_tflops: float = float("nan")
+    # index into observability.peaks.SOURCES (-1: not reported)
+    mfu_peak_source: int = -1
     nonfinite_steps: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
 
@@ -31,6 +37,10 @@ class RunSummary:
             self.comm_frac.append(float(metrics["comm_exposed_frac"]))
             self.mem_peak_gib = max(self.mem_peak_gib, float(metrics["mem_peak_gib_max"]))
             self.peak_tflops = float(metrics["peak_tflops"])
+            if "mfu_vs_gemm" in metrics:
+                self.mfu_vs_gemm.append(float(metrics["mfu_vs_gemm"]))
+                self.gemm_tflops = float(metrics["gemm_tflops"])
+                self.mfu_peak_source = int(metrics["mfu_peak_source"])
 
     def _mean(self, values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
@@ -52,6 +62,10 @@ class RunSummary:
             "comm_exposed_frac": self._mean(self.comm_frac[skip:]),
             "mem_peak_gib_max": self.mem_peak_gib,
             "peak_tflops": self.peak_tflops,
+            "mfu_vs_gemm": self._mean(self.mfu_vs_gemm[min(len(self.mfu_vs_gemm) - 1, 3):]
+                                      if self.mfu_vs_gemm else []),
+            "gemm_tflops": self.gemm_tflops,
+            "mfu_peak_source": self.mfu_peak_source,
             "nonfinite_steps": len(self.nonfinite_steps),
             "wall_time_s": self.wall_time_s,
         }
@@ -68,9 +82,13 @@ def render_summary(result: dict[str, Any], *, extra: Optional[dict[str, str]] = 
         f"  tokens/s       {result['tokens_per_s']:,.0f}",
     ]
     if math.isfinite(result.get("mfu", float("nan"))):
+        source = source_words(int(result.get("mfu_peak_source", -1)))
+        lines.append(f"  MFU            {100 * result['mfu']:.1f}% of {result['peak_tflops']:.3g} "
+                     f"TFLOP/s per device" + (f" ({source})" if source else ""))
+        if math.isfinite(result.get("mfu_vs_gemm", float("nan"))):
+            lines.append(f"  MFU vs GEMM    {100 * result['mfu_vs_gemm']:.1f}% of the measured "
+                         f"GEMM, {result['gemm_tflops']:.3g} TFLOP/s per device")
         lines += [
-            f"  MFU            {100 * result['mfu']:.1f}% of {result['peak_tflops']:.3g} TFLOP/s "
-            f"per device",
             f"  comm exposed   {100 * result['comm_exposed_frac']:.1f}% of step time",
             f"  peak memory    {result['mem_peak_gib_max']:.2f} GiB (largest rank)",
         ]

@@ -166,6 +166,8 @@ def problems(cfg: RunConfig) -> list[str]:
     out += _data_problems(cfg, dims)
     if cfg.train.steps < 1:
         out.append(f"train.steps={cfg.train.steps} must be >= 1")
+    if not isinstance(cfg.train.compile, bool):
+        out.append(f"train.compile={cfg.train.compile!r} must be true or false")
     if not isinstance(cfg.train.loss_chunk, int) or cfg.train.loss_chunk < 0:
         out.append(f"train.loss_chunk={cfg.train.loss_chunk!r} must be an integer >= 0 "
                    f"(positions per loss chunk; 0: the whole sequence at once)")

@@ -1,5 +1,6 @@
 """Model construction, in one place for training and evaluation: the model of a config on this
-rank's TP shard, with its attention plan built, and its weights (a checkpoint's, or seeded)."""
+rank's TP shard, with its attention plan built, its memory policy and (`train.compile`) its
+decoder layers compiled, and its weights (a checkpoint's, or seeded)."""
 
 from __future__ import annotations
 
@@ -40,11 +41,31 @@ def load_weights(model: LlamaModel, source: str) -> None:
         load_canonical(model, get)
 
 
-def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True) -> LlamaModel:
-    """This rank's model shard for training, with the memory policy: its weights from
+def compile_layers(model: LlamaModel, *, backend: str = "inductor") -> None:
+    """Regional compilation, as torchtitan does it: each decoder layer's forward through
+    `torch.compile` (the layers share one code object, so one compilation serves them all),
+    which fuses the element-wise work around the matmuls (RMSNorm, RoPE, SwiGLU, the
+    residual adds). Parameter names do not change (no `_orig_mod.` prefix), so checkpoints
+    are unaffected.
+
+    Call it before `apply_memory_policy`: compilation is lazy, so the compiled forward still
+    calls the policy's attention and MLP wrappers (their saved-tensor hooks break the graph
+    around the core attention, which runs its own kernels), and `memory.checkpointing=full`
+    then recomputes the compiled layer. Compiled after it, a fully recomputed layer is one
+    reentrant checkpoint that Dynamo does not trace, and would run eagerly."""
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward, backend=backend)
+
+
+def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = True,
+                compile_backend: str = "inductor") -> LlamaModel:
+    """This rank's model shard for training, with the memory policy (and with
+    `train.compile`, each decoder layer compiled by `compile_backend`): its weights from
     `init.from` or seeded (`weights=False`: left uninitialized, for a checkpoint to fill)."""
     model = make_model(cfg.model, cfg.rope, cfg.attention, runtime=runtime,
                        precision=cfg.train.precision)
+    if cfg.train.compile:
+        compile_layers(model, backend=compile_backend)
     apply_memory_policy(model, store_for(cfg.memory, model.parameters(),
                                          kernels=cfg.train.kernels), cfg.memory.checkpointing)
     if not weights:

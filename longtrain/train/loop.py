@@ -22,6 +22,7 @@ from longtrain.config.schedule import Stage, stage_at, stage_config, stages
 from longtrain.config.schema import RunConfig
 from longtrain.data.loader import check_resume, data_state, iterate, prefetched
 from longtrain.model.llama import LlamaModel
+from longtrain.observability.flops import pairs_of_positions
 from longtrain.observability.log import get_logger
 from longtrain.parallel.dims import ParallelDims
 from longtrain.parallel.runtime import ParallelRuntime, remesh
@@ -194,8 +195,13 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
     ctx = attention_context(runtime, kernels=cfg.train.kernels)
     observer.start_step()
     t0 = time.perf_counter()
-    micro = [mb.to(runtime.device) for mb in next(data)]
+    batch = list(next(data))
     t_data = time.perf_counter() - t0
+    # this rank's share of the causal same-document pairs (MFU counts those with packed
+    # documents), from the per-document positions, on the host before the copy
+    pairs = (sum(pairs_of_positions(mb.positions_bt) for mb in batch)
+             if all(mb.doc_ids_bt is not None for mb in batch) else None)
+    micro = [mb.to(runtime.device) for mb in batch]
     set_phase("loss", "token count")
     # the reductions over CP x DP are data-parallel work, also when dp = 1 makes that group
     # the CP group: their blocked time is charged to dp
@@ -231,5 +237,5 @@ def _step(cfg: RunConfig, state: TrainState, data: Iterator, observer: StepMetri
                "step_time_s": dt, "data_wait_s": t_data, "seq_len": cfg.data.seq_len}
     if check:
         metrics["attn_parity_err"] = None if state.canary is None else state.canary.last_error
-    observer.finish_step(cfg, metrics)
+    observer.finish_step(cfg, metrics, pairs=pairs)
     return metrics
