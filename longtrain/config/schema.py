@@ -173,6 +173,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     # DeepSpeed ZeRO stage (0 = plain optimizer)
     zero: int = 0
+    # the precision gradients are accumulated and summed over CP x DP in: fp32, or param (the
+    # parameters' dtype, e.g. bf16: half the bytes on the wire, bf16 rounding in the sum)
+    grad_reduce_dtype: str = "fp32"
+    # MiB of parameters per gradient bucket: each bucket's all-reduce starts as soon as its
+    # gradients are complete, overlapping the rest of the backward
+    grad_bucket_mb: float = 25.0
 
 
 @dataclass

@@ -28,6 +28,7 @@ _CHOICES = {
     "train.kernels": ("auto", "triton", "torch"),
     "optim.schedule": ("cosine", "constant"),
     "optim.name": ("adamw",),
+    "optim.grad_reduce_dtype": ("fp32", "param"),
     "launcher.kind": ("local", "ray"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -173,6 +174,8 @@ def problems(cfg: RunConfig) -> list[str]:
                    f"(positions per loss chunk; 0: the whole sequence at once)")
     if cfg.optim.lr <= 0:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if not cfg.optim.grad_bucket_mb > 0:
+        out.append(f"optim.grad_bucket_mb={cfg.optim.grad_bucket_mb} must be > 0")
     if cfg.optim.warmup_steps < 0:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
     if cfg.optim.zero not in (0, 1, 2):

@@ -1,16 +1,18 @@
 """AdamW with warmup + cosine, gradient clipping across TP shards, gradient sum over
-CP x DP, and fp32 master weights when the model runs in bf16."""
+CP x DP (bucketed and overlapped with the backward: train.grad_reduce), and fp32 master
+weights when the model runs in bf16."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from longtrain.config.schema import OptimConfig
+from longtrain.train.grad_reduce import GradReducer
 from longtrain.train.lr import decay_groups, lr_at
 from longtrain.train.zero import ZeroOptimizer
 
@@ -21,36 +23,21 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runt
     if cfg.zero:
         return ZeroOptimizer(model, cfg, total_steps=total_steps, runtime=runtime,
                              micro_batches=micro_batches)
-    return Optimizer(model, cfg, total_steps=total_steps)
+    return Optimizer(model, cfg, total_steps=total_steps,
+                     group=None if runtime is None else runtime.dp_cp_group)
 
 
-def sum_gradients(params: list[nn.Parameter], *, group) -> None:
-    """All-reduce (sum) every gradient over `group` in one flat buffer.
-
-    Sum, not mean: each rank's loss is already divided by the global target count.
-    """
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def grad_norm(params: list[nn.Parameter], *, tp_group) -> torch.Tensor:
-    """Global L2 norm of the gradients: TP-sharded parameters summed over the TP group,
-    replicated ones counted once."""
+def grad_norm(params: list[nn.Parameter], *, tp_group,
+              grads: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """Global L2 norm of the gradients (`grads`, default each parameter's .grad): TP-sharded
+    parameters summed over the TP group, replicated ones counted once."""
     sharded: torch.Tensor | float = 0.0
     replicated: torch.Tensor | float = 0.0
-    for p in params:
-        if p.grad is None:
+    grads = [p.grad for p in params] if grads is None else grads
+    for p, g in zip(params, grads):
+        if g is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum()
+        sq = g.detach().double().pow(2).sum()
         if getattr(p, "tensor_model_parallel", False):
             sharded = sharded + sq
         else:
@@ -70,10 +57,16 @@ class Optimizer:
     """AdamW over fp32 parameters. When the model's parameters are not fp32, the optimizer
     keeps fp32 master copies and writes rounded values back after each step."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int,
+                 group: Any = None) -> None:
         self.cfg = cfg
         self.total_steps = total_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # the gradients' owner when they are summed over a group of more than one rank
+        self.reducer = (GradReducer(self.params, group=group, dtype=cfg.grad_reduce_dtype,
+                                    bucket_mb=cfg.grad_bucket_mb)
+                        if group is not None and dist.get_world_size(group) > 1 else None)
+        self.grads: list[Optional[torch.Tensor]] = []
         self.mixed = any(p.dtype != torch.float32 for p in self.params)
         self.master = ([p.detach().float().clone() for p in self.params] if self.mixed
                        else self.params)
@@ -83,14 +76,21 @@ class Optimizer:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+        if self.reducer is not None:
+            self.reducer.zero()
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
-        """Backward of one micro-batch's share of the global loss (`last`: of this step)."""
+        """Backward of one micro-batch's share of the global loss (`last`: of this step; its
+        buckets start summing during it)."""
+        if self.reducer is not None:
+            self.reducer.begin_backward(last=last)
         loss.backward()
 
     def reduce_gradients(self, *, group) -> None:
-        """Sum the gradients over `group` (CP x DP)."""
-        sum_gradients(self.params, group=group)
+        """Finish summing the gradients over `group` (CP x DP, the group the optimizer was
+        made with): wait for the buckets still in flight."""
+        self.grads = ([p.grad for p in self.params] if self.reducer is None
+                      else list(self.reducer.finish()))
 
     @contextlib.contextmanager
     def materialized(self, *, load: bool = False) -> Iterator[None]:
@@ -100,10 +100,14 @@ class Optimizer:
     @torch.no_grad()
     def step(self, step: int, *, tp_group) -> dict[str, float]:
         """Clip, update with the LR of `step`; returns {'lr', 'grad_norm'}."""
-        norm = float(grad_norm(self.params, tp_group=tp_group))
+        grads = self.grads or [p.grad for p in self.params]
+        norm = float(grad_norm(self.params, tp_group=tp_group, grads=grads))
         if self.mixed:
-            for p, m in zip(self.params, self.master):
-                m.grad = None if p.grad is None else p.grad.float()
+            for m, g in zip(self.master, grads):
+                m.grad = None if g is None else g.float()
+        else:
+            for p, g in zip(self.params, grads):
+                p.grad = g
         scale = 1.0
         if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
             scale = self.cfg.grad_clip / (norm + 1e-6)
@@ -118,4 +122,7 @@ class Optimizer:
         if self.mixed:
             for p, m in zip(self.params, self.master):
                 p.copy_(m.to(p.dtype))
+            for m in self.master:
+                m.grad = None
+        self.grads = []
         return {"lr": lr, "grad_norm": norm}
