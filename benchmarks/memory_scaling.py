@@ -319,6 +319,9 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
                         "layers; dense, ring, ulysses and lasp2 at CP <= 2)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: lengths {QUICK_LENGTHS}")
     p.add_argument("--plot", default=None, help="write a PNG of memory vs T here")
+    p.add_argument("--from-json", default=None,
+                   help="no run: an earlier --json's measured peaks with the current "
+                        "planner's estimates")
     add_output_args(p)
     args = p.parse_args(argv)
     lengths = list(QUICK_LENGTHS) if args.quick else [int(x) for x in args.lengths.split(",")]
@@ -326,7 +329,18 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if odd:
         raise ValueError(f"--lengths {odd} are not positive multiples of 8 (2 x CP=4)")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
-    rows = measure(lengths, args.model)
+    if args.from_json:
+        # the measured peaks of an earlier run, beside the current planner's estimates
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        args.model = saved.get("model", "tiny")
+        rows = [Row(**r) for r in saved["rows"]]
+        for r in rows:
+            cfg = next(run_config(b, s, pat, c, args.model) for lab, b, s, pat, c in CONFIGS
+                       if lab == r.label and c == r.cp)
+            r.estimate_mib = estimate_bytes(cfg, r.length) / MIB
+    else:
+        rows = measure(lengths, args.model)
     fits = longest_on_machine(rows, model=args.model)
     print(f"# {machine()}")
     print(table(rows, args.model))

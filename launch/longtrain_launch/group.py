@@ -1,6 +1,6 @@
 """The Ray worker group shared by `longtrain-train` and `longtrain-eval`: a placement group
-with one bundle per rank, one actor per bundle, rank 0's rendezvous address, and teardown on
-every exit path.
+with one bundle per rank, one actor per bundle with ranks ordered by node, rank 0's
+rendezvous address, and teardown on every exit path.
 
 `RankActor` is the plain-Python base of the per-rank actors (the group wraps a class with
 `ray.remote`, so importing an actor module needs no Ray).
@@ -22,6 +22,7 @@ from longtrain.config.errors import ConfigError
 from longtrain.config.schema import AttentionConfig, LauncherConfig, ParallelConfig
 from longtrain.observability.log import configure_logging, get_logger
 from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.placement import rank_order, span_lines, spanning
 from longtrain.parallel.runtime import init_parallel
 from longtrain_launch.slurm import job_signals_ignored_by_children
 
@@ -169,18 +170,47 @@ class RankActor:
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """Actor handles in rank order and the address every rank joins torch.distributed at."""
+    """Actor handles in rank order, the address every rank joins torch.distributed at, and
+    the Ray node id each rank runs on."""
 
     workers: list[Any]
     init_method: str
+    nodes: list[str]
+
+
+def _placed_in_node_order(pg: Any, cfg: GroupConfig) -> tuple[list[int], list[str]]:
+    """(the bundle of each rank, the node of each rank): bundles grouped by node
+    (`longtrain.parallel.placement`), logged, with a warning naming any TP group that still
+    spans nodes (a node holding a number of bundles that is not a multiple of parallel.tp)."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(pg)["bundles_to_node_id"]
+    bundle_nodes = [str(table[i]) for i in range(cfg.parallel.world_size)]
+    order = rank_order(bundle_nodes)
+    nodes = [bundle_nodes[b] for b in order]
+    dims = ParallelDims.from_config(cfg.parallel)
+    short = {n: f"node{i}" for i, n in enumerate(dict.fromkeys(nodes))}
+    log = get_logger()
+    log.info("ranks by node: %s", ", ".join(f"{short[n]} ({n[:8]}): ranks "
+                                            f"{[r for r, m in enumerate(nodes) if m == n]}"
+                                            for n in short))
+    for line in span_lines(nodes, dims, names=short):
+        log.info("placement: %s", line)
+    split = spanning(nodes, dims, "tp")
+    if split:
+        log.warning("tensor-parallel groups span nodes (their all-reduces cross the network): "
+                    "%s; give each node a multiple of parallel.tp=%d ranks",
+                    split[:4], cfg.parallel.tp)
+    return order, nodes
 
 
 @contextmanager
 def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
                  ) -> Iterator[WorkerGroup]:
     """Start `parallel.world_size` actors `actor_cls(rank=r, **actor_kwargs)` in a placement
-    group (one bundle per rank) of the Ray the entry point started, ask rank 0 for the rendezvous (`actor_cls.rendezvous`), and
-    tear everything down when the block ends, however it ends. `cfg` and `actor_cls` are
+    group (one bundle per rank) of the Ray the entry point started, ranks ordered by node
+    (TP groups, then CP groups, inside a node), ask rank 0 for the rendezvous
+    (`actor_cls.rendezvous`), and tear everything down when the block ends, however it ends. `cfg` and `actor_cls` are
     positional-only, so the actors' own keyword arguments may include `cfg=`."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -197,10 +227,11 @@ def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
     workers: list[Any] = []
     try:
         ray.get(pg.ready(), timeout=cfg.launcher.timeout_s)
+        order, nodes = _placed_in_node_order(pg, cfg)
         remote_actor = ray.remote(actor_cls)
         for rank in range(world):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                        placement_group_bundle_index=rank)
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=order[rank])
             workers.append(remote_actor.options(
                 num_cpus=cfg.launcher.cpus_per_worker, num_gpus=cfg.launcher.gpus_per_worker,
                 scheduling_strategy=strategy, name=None,
@@ -211,7 +242,7 @@ def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
         init_method = ray.get(workers[0].rendezvous.remote(loopback=loopback),
                               timeout=cfg.launcher.timeout_s)
         get_logger().info("worker group: %d ranks, rendezvous %s", world, init_method)
-        yield WorkerGroup(workers=workers, init_method=init_method)
+        yield WorkerGroup(workers=workers, init_method=init_method, nodes=nodes)
     finally:
         for w in workers:
             ray.kill(w, no_restart=True)

@@ -22,7 +22,8 @@ Saved for the backward per token and softmax layer (what `ActivationStore` count
 
 A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
 2q more). Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
-with their float32 copy for the loss ((e + 4) V), for one chunk of `train.loss_chunk`
+with their float32 copy for the loss ((e + 4) V; e V in fp32, where the loss works on the
+logits themselves), for one chunk of `train.loss_chunk`
 positions at a time.
 
 The peak comes in the backward, above what is saved, by a working set measured in units of
@@ -144,8 +145,8 @@ def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> 
 def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     """Bytes per rank for one micro-batch in flight: 'layers' (saved by the decoder layers),
     'transient' (the backward's working set), 'final' (the final norm and head inputs),
-    'logits' (one loss chunk's logits and their float32 copy: `train.loss_chunk`) and their
-    'total'."""
+    'logits' (one loss chunk's logits and, in bf16, their float32 copy: `train.loss_chunk`)
+    and their 'total'."""
     softmax = s.layers - s.linear_layers
     per_token = (softmax * layer_bytes_per_token(s, policy)
                  + s.linear_layers * layer_bytes_per_token(s, policy, linear=True))
@@ -159,7 +160,8 @@ def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     stored = 1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem
     out = {"layers": per_token * s.tokens, "transient": transient * s.tokens,
            "final": (2 * s.hidden * stored + 4) * s.tokens,
-           "logits": (s.elem + 4) * s.vocab * s.loss_tokens}
+           # the head's output, and its float32 copy unless it is float32 already
+           "logits": (s.elem + (4 if s.elem != 4 else 0)) * s.vocab * s.loss_tokens}
     out["total"] = sum(out.values())
     return out
 

@@ -14,7 +14,8 @@ from longtrain.checkpoint.source import source_kind, tokenizer_warnings
 from longtrain.config.pattern import pattern_problems
 from longtrain.memory.estimate import GIB, Policy, device_budget_bytes, estimates
 from longtrain.parallel.dims import ParallelDims
-from longtrain.planning.cluster import cluster_from_config
+from longtrain.parallel.placement import planned_nodes, span_lines
+from longtrain.planning.cluster import cluster_from_config, cluster_problems
 from longtrain.planning.search import report_lines
 from longtrain.planning.validate import problems
 
@@ -33,6 +34,13 @@ def _layout(cfg: Any) -> list[str]:
         shown = ", ".join(str(g) for g in groups[:_MAX_GROUPS_SHOWN])
         more = f", ... ({len(groups)} groups)" if len(groups) > _MAX_GROUPS_SHOWN else ""
         lines.append(f"  {name} groups: {shown}{more}")
+    cluster = cluster_from_config(cfg) if not cluster_problems(cfg) else None
+    if cluster is not None and cluster.nodes > 1:
+        # the launcher orders ranks by node: on full nodes, rank r runs on node r // per node
+        nodes = planned_nodes(dims.world_size, cluster.devices_per_node)
+        lines.append(f"  nodes ({cluster.name}: {cluster.devices_per_node} devices each, ranks "
+                     f"ordered by node):")
+        lines += [f"    {line}" for line in span_lines(nodes, dims)]
     return lines
 
 
