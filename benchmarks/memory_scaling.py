@@ -72,6 +72,11 @@ METHOD = """\
   communication buffers), not the parameters. Largest rank.
 - **Estimate**: the planner's `activation_bytes(Shape.of(cfg), Policy())["total"]` plus the
   gradients (`static_bytes(...)["grads"]`), what `--check` and `memory=auto` use.
+- The estimate counts every gradient as alive at the activation peak. In the backward the
+  early layers' and the embedding's gradients are made as the activations they replace are
+  freed, so the estimate is high by up to the smaller of the two: little on the tiny model
+  (activations dominate), up to 27% on the wide two-layer one, whose 1 GiB embedding
+  gradient comes last (conservative: `memory=auto` never picks a policy that does not fit).
 - **Longest T on 24 GiB, two ranks**: from the least-squares line through the measured
   peaks of each backend at CP=2 (peak = a + b T), plus the model state (parameters,
   gradients, AdamW), the T where two ranks reach 24 GiB.
