@@ -3,6 +3,9 @@
 Hydra composes `conf/` groups on top of these dataclasses (registered in
 `longtrain_launch.store`); the library only ever sees the typed objects. Field names are
 the user-facing contract (`parallel.tp=`, `data.seq_len=`, ...): rename nothing.
+
+Over 450 lines on purpose: every config group, each field with the comment that becomes its
+line of docs/config-reference.md, in one file a user reads top to bottom.
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ class ParallelConfig:
     tp: int = 1
     # context-parallel degree: splits the sequence (attention.backend must support it)
     cp: int = 1
+    # Megatron sequence parallelism with TP: norms and residuals hold T / tp tokens per TP
+    # rank (all-gathered before the column-parallel linears, reduce-scattered after the
+    # row-parallel ones). None -> on when tp > 1 and optim.zero = 0.
+    sequence_parallel: Optional[bool] = None
     # auto -> nccl when CUDA is available, else gloo
     backend: str = "auto"
     # Seconds before a collective that never completes raises instead of hanging (the error
@@ -443,3 +450,11 @@ class RunConfig:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints")
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """`parallel.sequence_parallel`, resolved: unset means on when tp > 1 and optim.zero
+        = 0 (DeepSpeed would not sum the norms' gradients over TP); nothing to do at tp = 1."""
+        sp = self.parallel.sequence_parallel
+        tp = self.parallel.tp
+        return tp > 1 and (not self.optim.zero if sp is None else bool(sp))

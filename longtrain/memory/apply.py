@@ -8,7 +8,7 @@ parallelisms: the model's code holds no policy, and `apply_memory_policy` wraps 
   linear layer) runs inside the store's attention rule, and under `selective` is recomputed
   in the backward.
 - `selective` also recomputes the SwiGLU product for the down projection's weight gradient
-  (the MLP's forward is replaced by one that does); `full` recomputes every decoder layer
+  (the MLP's `recompute_product` flag); `full` recomputes every decoder layer
   (each layer's forward is replaced by its checkpointed self).
 
 The model is duck-typed: `layers` of decoder layers with `attn` and `mlp`, and `rotary`.
@@ -25,7 +25,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from longtrain.memory.functions import swiglu_down
 from longtrain.memory.recompute import checkpointed
 from longtrain.memory.storage import ActivationStore
 
@@ -46,19 +45,6 @@ def _core(fn: Callable[..., torch.Tensor], store: ActivationStore, *, recompute:
             return fn(q_bthd, k_bthd, v_bthd, *rest)
 
     return core
-
-
-def _mlp_recomputing_product(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """SwiGLU whose product silu(gate) * up is recomputed for the down projection's weight
-    gradient instead of kept (`memory.functions.swiglu_down`)."""
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    def forward(x_bth: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = mlp.gate_up(x_bth)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return reduce_from_tensor_model_parallel_region(swiglu_down(gate, up, mlp.down.weight))
-
-    return forward
 
 
 def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -126,7 +112,9 @@ def apply_memory_policy(model: nn.Module, store: ActivationStore,
         name = "linear_attention" if hasattr(attn, "linear_attention") else "attention"
         policy._set(attn, name, _core(getattr(attn, name), store, recompute=selective))
         if selective:
-            policy._set(layer.mlp, "forward", _mlp_recomputing_product(layer.mlp))
+            # SwiGLU's product silu(gate) * up recomputed for the down projection's weight
+            # gradient instead of kept (the MLP's `recompute_product`)
+            policy._set(layer.mlp, "recompute_product", True)
         if checkpointing == "full":
             policy._set(layer, "forward", _recomputed(layer.forward))
     policy._set(model, "memory_policy", policy)

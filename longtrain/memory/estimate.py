@@ -21,7 +21,8 @@ Saved for the backward per token and softmax layer (what `ActivationStore` count
 | RMSNorm rstd (2) | 8 | 8 | 8 | - |
 
 A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
-2q more). Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
+2q more). Under sequence parallelism (`parallel.sequence_parallel`) the H terms (the norms'
+and the column-parallel linears' inputs, the layer input under `full`) hold tokens / tp. Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
 with their float32 copy for the loss ((e + 4) V; e V in fp32, where the loss works on the
 logits themselves), for one chunk of `train.loss_chunk`
 positions at a time.
@@ -101,6 +102,9 @@ class Shape:
     loss_tokens: int
     params: int  # on this rank
     param_elem: int
+    # Megatron sequence parallelism: the norms' and the column-parallel linears' inputs hold
+    # tokens / tp (1: off)
+    sp: int = 1
 
     @classmethod
     def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
@@ -121,12 +125,15 @@ class Shape:
                    tokens=cfg.data.micro_batch_size * t // cp, seq_len=t, params=params,
                    loss_tokens=cfg.data.micro_batch_size * min(
                        t // cp, cfg.train.loss_chunk or t // cp),
-                   param_elem=elem)
+                   param_elem=elem,
+                   sp=tp if getattr(cfg, "sequence_parallel", False) else 1)
 
 
 def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> float:
     """Saved bytes per token of one decoder layer under `policy` (the table above)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.inter
+    # the sequence-sharded inputs (norms, column-parallel linears) under sequence parallelism
+    h = h / s.sp
     if policy.checkpointing == "full":
         return h * (1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem)
     selective = policy.checkpointing == "selective"
@@ -159,7 +166,7 @@ def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
         transient += INT8_DEQUANT_LAYERS * one_layer
     stored = 1.0 + 4.0 / s.group_size if policy.activations == "int8" else s.elem
     out = {"layers": per_token * s.tokens, "transient": transient * s.tokens,
-           "final": (2 * s.hidden * stored + 4) * s.tokens,
+           "final": ((1 + 1 / s.sp) * s.hidden * stored + 4) * s.tokens,
            # the head's output, and its float32 copy unless it is float32 already
            "logits": (s.elem + (4 if s.elem != 4 else 0)) * s.vocab * s.loss_tokens}
     out["total"] = sum(out.values())

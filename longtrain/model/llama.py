@@ -24,8 +24,9 @@ from longtrain.attention.linear import linear_attention as by_name
 from longtrain.attention.types import AttentionContext, AttentionFn, AttentionMeta
 from longtrain.config.pattern import layer_kinds
 from longtrain.config.schema import ModelConfig, RopeConfig
-from longtrain.memory.functions import rms_norm, swiglu
+from longtrain.memory.functions import rms_norm, swiglu, swiglu_down
 from longtrain.model.rope import RotaryEmbedding, apply_rotary, query_scale
+from longtrain.parallel import sequence
 
 FEATURE_MAPS = {"silu": F.silu, "elu1": lambda x: F.elu(x) + 1.0, "identity": lambda x: x}
 
@@ -70,6 +71,38 @@ def megatron_parallel_config(*, tp: int, params_dtype: torch.dtype, on_cpu: bool
 
 def _skip_init(_: torch.Tensor) -> None:
     return None
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _column(layer: nn.Module, x_bth: torch.Tensor, sp: bool) -> torch.Tensor:
+    """A megatron column-parallel linear; under sequence parallelism (`sp`) its input is this
+    rank's T / tp tokens, all-gathered for the product (and again in the backward:
+    `longtrain.parallel.sequence.gather_linear`)."""
+    if not sp:
+        return layer(x_bth)[0]
+    return sequence.gather_linear(x_bth, layer.weight, layer.bias, _tp_group())
+
+
+def _row(layer: nn.Module, x_bth: torch.Tensor, sp: bool) -> torch.Tensor:
+    """A megatron row-parallel linear (no bias); under sequence parallelism its partial sums
+    are reduce-scattered over the TP ranks along the sequence instead of all-reduced."""
+    if not sp:
+        return layer(x_bth)[0]
+    return sequence.reduce_scatter(F.linear(x_bth, layer.weight), _tp_group())
+
+
+def mark_sequence_parallel(model: nn.Module) -> None:
+    """Tag the parameters that see only this TP rank's share of the sequence under sequence
+    parallelism (the RMSNorm weights): their gradients are summed over the TP group
+    (`sequence_parallel` attribute, as megatron-core names it)."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.sequence_parallel = True
 
 
 def _mark_tensor_parallel(model: nn.Module) -> None:
@@ -129,6 +162,9 @@ def _heads(qkv_btx: torch.Tensor, s: ModelShape) -> tuple[torch.Tensor, ...]:
 
 
 class Attention(nn.Module):
+    # set by LlamaModel under sequence parallelism (its input holds T / tp tokens)
+    sp = False
+
     def __init__(self, shape: ModelShape, *, mp_config, attention: AttentionFn,
                  tp_rank: int = 0) -> None:
         super().__init__()
@@ -141,18 +177,19 @@ class Attention(nn.Module):
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
                 q_scale_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q_scale_bt: float32 [B, T] factor on the rotated queries (None: unscaled)."""
-        b, t, _ = x_bth.shape
+        """q_scale_bt: float32 [B, T] factor on the rotated queries (None: unscaled). Under
+        sequence parallelism x holds T / tp tokens; q, k, v and the output projection's input
+        the whole T."""
         s = self.shape
         d = s.head_dim
-        q, k, v_bthd = _heads(self.qkv(x_bth)[0], s)
+        q, k, v_bthd = _heads(_column(self.qkv, x_bth, self.sp), s)
+        b, t = q.shape[:2]
         q_bthd = apply_rotary(q, cos_btd, sin_btd, scale_bt=q_scale_bt)
         k_bthd = apply_rotary(k, cos_btd, sin_btd)
         if self.head_offset:
             meta = dataclasses.replace(meta, head_offset=self.head_offset)
         o_bthd = self.attention(q_bthd, k_bthd, v_bthd, meta, ctx)
-        out, _ = self.out(o_bthd.reshape(b, t, s.local_heads * d))
-        return out
+        return _row(self.out, o_bthd.reshape(b, t, s.local_heads * d), self.sp)
 
 
 class LinearAttention(nn.Module):
@@ -160,6 +197,9 @@ class LinearAttention(nn.Module):
     sigmoid(gate(x))), with a fixed per-head decay on the *global* head index (so every TP
     layout computes the same function), a per-head RMS norm (no TP reduction) and no RoPE:
     position enters through the decay. `linear_attention` is the sequence-parallel method."""
+    # set by LlamaModel under sequence parallelism (its input holds T / tp tokens)
+    sp = False
+
 
     def __init__(self, shape: ModelShape, *, mp_config, linear_attention, tp_rank: int,
                  dtype: torch.dtype, device: torch.device, layer: int = 0) -> None:
@@ -185,9 +225,9 @@ class LinearAttention(nn.Module):
     def forward(self, x_bth: torch.Tensor, cos_btd: torch.Tensor, sin_btd: torch.Tensor,
                 meta: AttentionMeta, ctx: AttentionContext, *,
                 q_scale_bt: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, t, _ = x_bth.shape
         s = self.shape
-        q, k, v = _heads(self.qkv(x_bth)[0], s)
+        q, k, v = _heads(_column(self.qkv, x_bth, self.sp), s)
+        b, t = q.shape[:2]
         group = s.local_heads // s.local_kv_heads
         q_bthd = self.feature_map(q) * s.head_dim ** -0.5
         k_bthd = self.feature_map(k).repeat_interleave(group, 2)
@@ -195,14 +235,16 @@ class LinearAttention(nn.Module):
         o_bthd = self.linear_attention(q_bthd, k_bthd, v_bthd, self.log_decay, meta, ctx)
         o32 = o_bthd.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + s.cfg.norm_eps)
-        gate, _ = self.gate(x_bth)
+        gate = _column(self.gate, x_bth, self.sp)
         o = (o32.to(x_bth.dtype).reshape(b, t, -1) * self.out_norm) * torch.sigmoid(gate)
-        out, _ = self.out(o)
-        return out
+        return _row(self.out, o, self.sp)
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused per TP rank."""
+    # set by LlamaModel under sequence parallelism (its input holds T / tp tokens)
+    sp = False
+
 
     def __init__(self, shape: ModelShape, *, mp_config) -> None:
         super().__init__()
@@ -218,11 +260,20 @@ class MLP(nn.Module):
             bias=False, input_is_parallel=True, skip_bias_add=False,
         )
 
+    # memory.checkpointing=selective: the SwiGLU product is recomputed for the down
+    # projection's weight gradient instead of kept (`memory.functions.swiglu_down`)
+    recompute_product = False
+
     def forward(self, x_bth: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up(x_bth)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(swiglu(gate, up))
-        return out
+        gate, up = _column(self.gate_up, x_bth, self.sp).chunk(2, dim=-1)
+        if not self.recompute_product:
+            return _row(self.down, swiglu(gate, up), self.sp)
+        partial = swiglu_down(gate, up, self.down.weight)
+        if self.sp:
+            return sequence.reduce_scatter(partial, _tp_group())
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        return reduce_from_tensor_model_parallel_region(partial)
 
 
 class DecoderLayer(nn.Module):
@@ -261,7 +312,8 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rope: RopeConfig, *, attention: AttentionFn, tp: int,
                  tp_rank: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu"), linear_attention=None) -> None:
+                 device: torch.device = torch.device("cpu"), linear_attention=None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
@@ -269,6 +321,9 @@ class LlamaModel(nn.Module):
         self.shape = ModelShape(cfg, tp)
         self.tp_rank = tp_rank
         mp_config = megatron_parallel_config(tp=tp, params_dtype=dtype, on_cpu=device.type == "cpu")
+        # Megatron sequence parallelism: between the parallel linears (norms, residuals)
+        # each TP rank holds T / tp of the local tokens
+        self.sequence_parallel = sequence_parallel and tp > 1
         self.embed = VocabParallelEmbedding(self.shape.padded_vocab_size, cfg.hidden_size,
                                             init_method=_skip_init, config=mp_config)
         # linear layers (model.layer_pattern) use `linear_attention`, LASP-2 when not given
@@ -286,6 +341,7 @@ class LlamaModel(nn.Module):
             for i, (kind, fn) in enumerate(zip(self.layer_kinds, per_layer))
         )
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, device=device)
+        # the head reads the gathered sequence (the chunked loss cuts it into chunks)
         self.head = ColumnParallelLinear(
             cfg.hidden_size, self.shape.padded_vocab_size, config=mp_config, init_method=_skip_init,
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
@@ -297,6 +353,11 @@ class LlamaModel(nn.Module):
         # Logit columns past the true vocabulary (TP padding) are masked to -inf.
         self._num_padded_logits = max(0, local_vocab - max(valid, 0))
         _mark_tensor_parallel(self)
+        if self.sequence_parallel:
+            mark_sequence_parallel(self)
+            for module in self.modules():
+                if isinstance(module, (Attention, LinearAttention, MLP)):
+                    module.sp = True
 
     def forward(self, tokens_bt: torch.Tensor, *, positions_bt: Optional[torch.Tensor] = None,
                 doc_ids_bt: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
@@ -317,11 +378,16 @@ class LlamaModel(nn.Module):
                                  max_position_embeddings=self.cfg.max_position_embeddings)
         meta = AttentionMeta(causal=True, positions_bt=positions_bt, doc_ids_bt=doc_ids_bt)
         x_bth = self.embed(tokens_bt)
+        if self.sequence_parallel:
+            x_bth = sequence.scatter(x_bth, _tp_group())
         for i, layer in enumerate(self.layers):
             scaled = q_scale_bt is not None and i >= rope.entropy_unscaled_layers
             x_bth = layer(x_bth, cos_btd=cos_btd, sin_btd=sin_btd, meta=meta, ctx=ctx,
                           q_scale_bt=q_scale_bt if scaled else None)
         x_bth = self.final_norm(x_bth)
+        if self.sequence_parallel:
+            # the head sums its input gradient over TP itself: the backward only splits
+            x_bth = sequence.gather_summed_grad(x_bth, _tp_group())
         return self.logits(x_bth) if head else x_bth
 
     def logits(self, x_bth: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,15 @@ def param_dtype(precision: str) -> torch.dtype:
 
 
 def make_model(model: ModelConfig, rope: RopeConfig, attention: AttentionConfig, *,
-               runtime: ParallelRuntime, precision: str) -> LlamaModel:
+               runtime: ParallelRuntime, precision: str,
+               sequence_parallel: bool = False) -> LlamaModel:
     """This rank's shard of the model, weights uninitialized, each layer running the
     attention its plan gives it (`attention.plan`)."""
     softmax, linear = model_attention(attention, model)
     return LlamaModel(model, rope, attention=softmax, linear_attention=linear,
                       tp=runtime.dims.tp, tp_rank=runtime.tp_rank,
-                      dtype=param_dtype(precision), device=runtime.device)
+                      dtype=param_dtype(precision), device=runtime.device,
+                      sequence_parallel=sequence_parallel)
 
 
 def load_weights(model: LlamaModel, source: str) -> None:
@@ -63,7 +65,7 @@ def build_model(cfg: RunConfig, runtime: ParallelRuntime, *, weights: bool = Tru
     `train.compile`, each decoder layer compiled by `compile_backend`): its weights from
     `init.from` or seeded (`weights=False`: left uninitialized, for a checkpoint to fill)."""
     model = make_model(cfg.model, cfg.rope, cfg.attention, runtime=runtime,
-                       precision=cfg.train.precision)
+                       precision=cfg.train.precision, sequence_parallel=cfg.sequence_parallel)
     if cfg.train.compile:
         compile_layers(model, backend=compile_backend)
     apply_memory_policy(model, store_for(cfg.memory, model.parameters(),

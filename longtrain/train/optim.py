@@ -27,6 +27,24 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runt
                      group=None if runtime is None else runtime.dp_cp_group)
 
 
+def sum_sequence_parallel(params: list[nn.Parameter], grads: list[Optional[torch.Tensor]], *,
+                          tp_group) -> None:
+    """Sum over the TP group the gradients of the parameters that saw only this rank's share
+    of the sequence (`sequence_parallel`: the norms under Megatron sequence parallelism)."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return
+    mine = [g for p, g in zip(params, grads)
+            if g is not None and getattr(p, "sequence_parallel", False)]
+    if not mine:
+        return
+    flat = torch.cat([g.reshape(-1) for g in mine])  # the norms' weights: a few H each
+    dist.all_reduce(flat, group=tp_group)
+    offset = 0
+    for g in mine:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def grad_norm(params: list[nn.Parameter], *, tp_group,
               grads: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """Global L2 norm of the gradients (`grads`, default each parameter's .grad): TP-sharded
@@ -89,8 +107,24 @@ class Optimizer:
     def reduce_gradients(self, *, group) -> None:
         """Finish summing the gradients over `group` (CP x DP, the group the optimizer was
         made with): wait for the buckets still in flight."""
-        self.grads = ([p.grad for p in self.params] if self.reducer is None
-                      else list(self.reducer.finish()))
+        if self.reducer is not None:
+            self.grads = list(self.reducer.finish())
+            return
+        self.grads = [p.grad for p in self.params]
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        # an optimizer made without the group (no reducer): one parameter at a time, after
+        # the backward, in the reduction dtype
+        wide = self.cfg.grad_reduce_dtype == "fp32"
+        for g in self.grads:
+            if g is None:
+                continue
+            if wide and g.dtype != torch.float32:
+                g32 = g.float()
+                dist.all_reduce(g32, group=group)
+                g.copy_(g32)
+            else:
+                dist.all_reduce(g, group=group)
 
     @contextlib.contextmanager
     def materialized(self, *, load: bool = False) -> Iterator[None]:
@@ -101,6 +135,7 @@ class Optimizer:
     def step(self, step: int, *, tp_group) -> dict[str, float]:
         """Clip, update with the LR of `step`; returns {'lr', 'grad_norm'}."""
         grads = self.grads or [p.grad for p in self.params]
+        sum_sequence_parallel(self.params, grads, tp_group=tp_group)
         norm = float(grad_norm(self.params, tp_group=tp_group, grads=grads))
         if self.mixed:
             for m, g in zip(self.master, grads):
