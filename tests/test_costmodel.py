@@ -105,12 +105,15 @@ def test_allgather_reduce_scatters_full_length_grads_and_skips_the_future():
     assert gathered / ring == pytest.approx(1.0)
 
 
-def test_gradients_travel_in_the_parameters_dtype():
+def test_gradients_travel_in_the_reduction_dtype():
     h100 = cluster.PRESETS["h100-8x8-ib400"]
-    bf16, fp32 = cm.predict(_cfg(), h100), cm.predict(_cfg(train__precision="fp32"), h100)
+    bf16 = cm.predict(_cfg(optim__grad_reduce_dtype="param"), h100)
+    fp32 = cm.predict(_cfg(train__precision="fp32"), h100)
     # the same all-reduce over the same CP x DP group of 8: latency + half the bytes
     lat = 2 * 7 * h100.inter.latency_s
     assert bf16.comm_s["dp"] - lat == pytest.approx((fp32.comm_s["dp"] - lat) / 2)
+    # bf16 parameters, gradients summed in fp32 (the default): fp32's bytes
+    assert cm.predict(_cfg(), h100).comm_s["dp"] == pytest.approx(fp32.comm_s["dp"])
 
 
 def test_offload_traffic_is_exposed_beyond_the_compute():

@@ -105,6 +105,9 @@ class Shape:
     # Megatron sequence parallelism: the norms' and the column-parallel linears' inputs hold
     # tokens / tp (1: off)
     sp: int = 1
+    # bytes per gradient element: the parameters' dtype, or 4 where the gradients are summed
+    # over CP x DP in fp32 buckets (optim.grad_reduce_dtype=fp32 without ZeRO)
+    grad_elem: int = 4
 
     @classmethod
     def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
@@ -126,7 +129,17 @@ class Shape:
                    loss_tokens=cfg.data.micro_batch_size * min(
                        t // cp, cfg.train.loss_chunk or t // cp),
                    param_elem=elem,
-                   sp=tp if getattr(cfg, "sequence_parallel", False) else 1)
+                   sp=tp if getattr(cfg, "sequence_parallel", False) else 1,
+                   grad_elem=_grad_elem(cfg, elem))
+
+
+def _grad_elem(cfg: Any, elem: int) -> int:
+    optim = getattr(cfg, "optim", None)
+    if optim is None or optim.zero:
+        return elem
+    dims = ParallelDims.from_config(cfg.parallel)
+    summed = not dims.problems() and dims.cp * dims.dp > 1
+    return 4 if summed and optim.grad_reduce_dtype == "fp32" else elem
 
 
 def layer_bytes_per_token(s: Shape, policy: Policy, *, linear: bool = False) -> float:
@@ -174,11 +187,12 @@ def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
 
 
 def static_bytes(s: Shape, *, zero: int = 0, dp: int = 1) -> dict[str, float]:
-    """Parameters, gradients and AdamW state per rank (fp32 master copies in bf16 runs);
-    ZeRO-1 shards the optimizer state over DP, ZeRO-2 the gradients as well."""
+    """Parameters, gradients and AdamW state per rank (fp32 master copies in bf16 runs; the
+    gradients in fp32 where they are summed in fp32 buckets); ZeRO-1 shards the optimizer
+    state over DP, ZeRO-2 the gradients as well."""
     p = s.params
     optimizer = 8 * p + (4 * p if s.param_elem != 4 else 0)
-    grads = s.param_elem * p
+    grads = s.grad_elem * p
     if zero >= 1:
         optimizer /= dp
     if zero >= 2:

@@ -41,10 +41,10 @@ balances causal work, so every rank gets 1/c of a layer's attention):
   backward. lasp1: the state chain visits the 2c zigzag chunks (ranks 0..c-1, then back):
   2 (c-1) hops between ranks, serialized, forward and again backward.
 - TP (megatron, no sequence parallelism): 2 all-reduces of `[b T/c, h]` forward, 2 backward.
-- DP: the gradients of one rank's parameters (1/t of the model, in the parameters' dtype:
-  bf16 under train.precision=bf16, fp32 master weights live in the optimizer only)
-  all-reduced over CP x DP after the backward, `Cluster.dp_overlap` of it hidden (0 for
-  longtrain's loop, which reduces after the backward).
+- DP: the gradients of one rank's parameters (1/t of the model, in
+  `optim.grad_reduce_dtype`: fp32 by default, the parameters' dtype with `param`) all-reduced
+  over CP x DP, `Cluster.dp_overlap` of it hidden behind the backward (the loop's buckets
+  start as they fill; the presets keep 0 until a GPU measures the overlap).
 
 Memory policy: the planner's recompute factor multiplies the compute; with memory.offload
 the saved activations go to the host (`Cluster.host`) during the forward and come back
@@ -233,9 +233,9 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     act = b * t_len / c * m.hidden_size * elt
     tp_s = m.num_layers * 4 * all_reduce(act, tp, tp_link)
 
-    # the gradients are in the parameters' dtype (Shape.param_elem)
+    # the gradients travel in optim.grad_reduce_dtype (Shape.grad_elem)
     grads = Shape.of(cfg)
-    dp_s = all_reduce(grads.params * grads.param_elem, c * dp, cluster.link(world)) * (1 - cluster.dp_overlap)
+    dp_s = all_reduce(grads.params * grads.grad_elem, c * dp, cluster.link(world)) * (1 - cluster.dp_overlap)
 
     mem = cfg.memory
     policy = Policy(mem.activations, mem.checkpointing, mem.offload and cluster.host is not None)
