@@ -109,6 +109,8 @@ def _enter_stage(cfg: RunConfig, state: TrainState, stage: Stage) -> RunConfig:
         dims = ParallelDims.from_config(scfg.parallel)
         state.runtime = remesh(state.runtime, dims, timeout_s=cfg.parallel.timeout_s,
                                cp_sizes=cp_group_sizes(cfg.attention, stage.cp))
+        # the gradients are summed over the new CP x DP group
+        state.optimizer.set_group(state.runtime.dp_cp_group)
     if len(stages(cfg)) > 1:
         get_logger().info("stage %d: steps %d-%d at seq_len %d (%s)", stage.index,
                           stage.first_step + 1, stage.end_step, stage.seq_len,

@@ -81,15 +81,24 @@ class Optimizer:
         self.total_steps = total_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
         # the gradients' owner when they are summed over a group of more than one rank
-        self.reducer = (GradReducer(self.params, group=group, dtype=cfg.grad_reduce_dtype,
-                                    bucket_mb=cfg.grad_bucket_mb)
-                        if group is not None and dist.get_world_size(group) > 1 else None)
+        self.reducer: Optional[GradReducer] = None
+        self.set_group(group)
         self.grads: list[Optional[torch.Tensor]] = []
         self.mixed = any(p.dtype != torch.float32 for p in self.params)
         self.master = ([p.detach().float().clone() for p in self.params] if self.mixed
                        else self.params)
         self.inner = torch.optim.AdamW(decay_groups(self.master, cfg.weight_decay),
                                        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+    def set_group(self, group: Any) -> None:
+        """The CP x DP group after a schedule stage rebuilt the groups (`remesh`)."""
+        if self.reducer is not None:
+            self.reducer.remove()
+            for p in self.params:
+                p.grad = None
+        self.reducer = (GradReducer(self.params, group=group, dtype=self.cfg.grad_reduce_dtype,
+                                    bucket_mb=self.cfg.grad_bucket_mb)
+                        if group is not None and dist.get_world_size(group) > 1 else None)
 
     def zero_grad(self) -> None:
         for p in self.params:

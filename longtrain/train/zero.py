@@ -101,6 +101,9 @@ class ZeroOptimizer:
         self.master: list[torch.Tensor] = []
         self.inner = SimpleNamespace(state={})
 
+    def set_group(self, group: Any) -> None:
+        """ZeRO refuses schedules that change CP (planning.validate): nothing to do."""
+
     def zero_grad(self) -> None:
         """The engine clears its gradients after each step."""
 
