@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
@@ -97,14 +98,25 @@ def _worker(runtime, dtype_name: str, reduce_dtype: str, path: str) -> None:
                f"{path}.{dist.get_rank()}")
 
 
-def _run(tmp_path, dtype: str, reduce_dtype: str) -> dict:
-    path = os.path.join(tmp_path, f"{dtype}-{reduce_dtype}")
-    run_distributed(_worker, world_size=2, args=(dtype, reduce_dtype, path))
-    return torch.load(f"{path}.0", weights_only=False)
+CASES = [("float32", "fp32"), ("bfloat16", "fp32"), ("bfloat16", "param")]
 
 
-def test_bucketed_overlapped_reduction_equals_the_exact_sum(tmp_path):
-    got = _run(tmp_path, "float32", "fp32")
+def _all_cases(runtime, path: str) -> None:
+    for dtype, reduce_dtype in CASES:
+        _worker(runtime, dtype, reduce_dtype, f"{path}-{dtype}-{reduce_dtype}")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Every case in one world of two ranks."""
+    path = os.path.join(tmp_path_factory.mktemp("grad_reduce"), "r")
+    run_distributed(_all_cases, world_size=2, args=(path,))
+    return {case: torch.load(f"{path}-{case[0]}-{case[1]}.0", weights_only=False)
+            for case in CASES}
+
+
+def test_bucketed_overlapped_reduction_equals_the_exact_sum(results):
+    got = results[("float32", "fp32")]
     assert max(got["errors"]) < 1e-6, got["errors"]
     # the first step learns each parameter's accumulation count; later steps start buckets
     # while the backward is still running
@@ -116,8 +128,8 @@ def test_bucketed_overlapped_reduction_equals_the_exact_sum(tmp_path):
     assert got["largest"] < got["total"] // 2, got
 
 
-def test_fp32_reduction_of_bf16_gradients_is_closer_to_the_exact_sum(tmp_path):
-    fp32 = _run(tmp_path, "bfloat16", "fp32")
-    bf16 = _run(tmp_path, "bfloat16", "param")
+def test_fp32_reduction_of_bf16_gradients_is_closer_to_the_exact_sum(results):
+    fp32 = results[("bfloat16", "fp32")]
+    bf16 = results[("bfloat16", "param")]
     assert max(fp32["errors"]) < 1e-2
     assert max(fp32["errors"]) < 0.5 * max(bf16["errors"]), (fp32["errors"], bf16["errors"])

@@ -59,19 +59,20 @@ def _run(rt, sp: bool, pattern: str) -> dict:
             "grads": canonical_state_dict(model, group=rt.tp_group, grads=True)}
 
 
-def _worker(rt, pattern: str, path: str) -> None:
-    off, on = _run(rt, False, pattern), _run(rt, True, pattern)
-    torch.save({"off": off, "on": on}, f"{path}.{rt.rank}")
+def _worker(rt, patterns: tuple[str, ...], path: str) -> None:
+    for pattern in patterns:
+        off, on = _run(rt, False, pattern), _run(rt, True, pattern)
+        torch.save({"off": off, "on": on}, f"{path}-{pattern or 'softmax'}.{rt.rank}")
 
 
-@pytest.mark.parametrize("world,tp,cp,pattern", [(2, 2, 1, ""), (4, 2, 2, ""), (2, 2, 1, "LS")],
-                         ids=["tp2", "tp2xcp2", "tp2-hybrid"])
+@pytest.mark.parametrize("world,tp,cp,patterns", [(2, 2, 1, ("", "LS")), (4, 2, 2, ("",))],
+                         ids=["tp2-softmax-and-hybrid", "tp2xcp2"])
 def test_sequence_parallel_equals_the_plain_tensor_parallel_model(tmp_path, world, tp, cp,
-                                                                   pattern):
+                                                                   patterns):
     path = os.path.join(tmp_path, "r")
-    run_distributed(_worker, world_size=world, tp=tp, cp=cp, args=(pattern, path))
-    for rank in range(world):
-        got = torch.load(f"{path}.{rank}", weights_only=False)
+    run_distributed(_worker, world_size=world, tp=tp, cp=cp, args=(patterns, path))
+    for rank, pattern in ((r, p) for r in range(world) for p in patterns):
+        got = torch.load(f"{path}-{pattern or 'softmax'}.{rank}", weights_only=False)
         off, on = got["off"], got["on"]
         assert on["loss"] == pytest.approx(off["loss"], rel=1e-6)
         for name, g in off["grads"].items():
