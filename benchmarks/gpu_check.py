@@ -186,48 +186,41 @@ def render_gpu_tests(rows: list[dict]) -> list[str]:
     return out
 
 
-def render_attention(rows: list[dict]) -> list[str]:
-    out = ["| T | Hq/Hkv | kernel | fwd+bwd (ms) | TFLOP/s | / cuDNN |",
-           "| ---: | ---: | --- | ---: | ---: | ---: |"]
+def _rows(rows: list[dict], head: Callable[[dict], str], body: Callable[[dict], str],
+          blanks: int) -> list[str]:
+    """Table rows: `head(r)`, then `body(r)`, or the reason a row has no figures and `blanks`
+    empty cells."""
+    out = []
     for r in rows:
         why = _why(r)
-        head = f"| {r['t']} | {r['heads']}/{r['kv_heads']} | {r['impl']} |"
-        if why:
-            out.append(f"{head} {why} | | |")
-            continue
-        out.append(f"{head} {r['seconds'] * 1e3:.2f} | {r['tflops']:.0f} | "
-                   f"{_f(r.get('vs_cudnn'), '.2f')} |")
+        out.append(f"{head(r)} {why} |" + " |" * blanks if why else f"{head(r)} {body(r)}")
     return out
+
+
+def render_attention(rows: list[dict]) -> list[str]:
+    return ["| T | Hq/Hkv | kernel | fwd+bwd (ms) | TFLOP/s | / cuDNN |",
+            "| ---: | ---: | --- | ---: | ---: | ---: |"] + _rows(
+        rows, lambda r: f"| {r['t']} | {r['heads']}/{r['kv_heads']} | {r['impl']} |",
+        lambda r: (f"{r['seconds'] * 1e3:.2f} | {r['tflops']:.0f} | "
+                   f"{_f(r.get('vs_cudnn'), '.2f')} |"), blanks=2)
 
 
 def render_train(rows: list[dict]) -> list[str]:
-    out = ["| model | T | compile | tokens/s | step (s) | MFU (spec peak) | MFU vs GEMM | "
-           "peak mem (GiB) | planner estimate (GiB) |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        head = f"| {r['model']} | {r['t']} | {'on' if r['compile'] else 'off'} |"
-        why = _why(r)
-        if why:
-            out.append(f"{head} {why} | | | | | |")
-            continue
-        out.append(f"{head} {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['mfu']:.1%} | "
+    return ["| model | T | compile | tokens/s | step (s) | MFU (spec peak) | MFU vs GEMM | "
+            "peak mem (GiB) | planner estimate (GiB) |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"] + _rows(
+        rows, lambda r: f"| {r['model']} | {r['t']} | {'on' if r['compile'] else 'off'} |",
+        lambda r: (f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['mfu']:.1%} | "
                    f"{_f(r.get('mfu_vs_gemm'), '.1%')} | {_f(r.get('mem_peak_gib'), '.1f')} | "
-                   f"{_f(r.get('mem_estimate_gib'), '.1f')} |")
-    return out
+                   f"{_f(r.get('mem_estimate_gib'), '.1f')} |"), blanks=5)
 
 
 def render_baseline(rows: list[dict]) -> list[str]:
-    out = ["| implementation | T | tokens/s | step (s) | MFU (spec peak) | peak mem (GiB) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        head = f"| {r['impl']} | {r['t']} |"
-        why = _why(r)
-        if why:
-            out.append(f"{head} {why} | | | |")
-            continue
-        out.append(f"{head} {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['mfu']:.1%} | "
-                   f"{_f(r.get('mem_peak_gib'), '.1f')} |")
-    return out
+    return ["| implementation | T | tokens/s | step (s) | MFU (spec peak) | peak mem (GiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"] + _rows(
+        rows, lambda r: f"| {r['impl']} | {r['t']} |",
+        lambda r: (f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['mfu']:.1%} | "
+                   f"{_f(r.get('mem_peak_gib'), '.1f')} |"), blanks=3)
 
 
 RENDER = {"gpu_tests": render_gpu_tests, "attention": render_attention,

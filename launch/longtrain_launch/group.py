@@ -210,8 +210,9 @@ def worker_group(cfg: GroupConfig, actor_cls: type, /, **actor_kwargs: Any
     """Start `parallel.world_size` actors `actor_cls(rank=r, **actor_kwargs)` in a placement
     group (one bundle per rank) of the Ray the entry point started, ranks ordered by node
     (TP groups, then CP groups, inside a node), ask rank 0 for the rendezvous
-    (`actor_cls.rendezvous`), and tear everything down when the block ends, however it ends. `cfg` and `actor_cls` are
-    positional-only, so the actors' own keyword arguments may include `cfg=`."""
+    (`actor_cls.rendezvous`), and tear everything down when the block ends, however it ends.
+    `cfg` and `actor_cls` are positional-only, so the actors' own keyword arguments may
+    include `cfg=`."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

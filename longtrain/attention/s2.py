@@ -88,7 +88,8 @@ class _Exchange:
     (global block, local block offset on the owner). `blocks` are the global key blocks this
     rank's heads read, ascending (its own blocks among them: every query block reads its
     diagonal); the compact K/V buffer holds exactly these, `own_slots` / `own_offsets` place
-    this rank's blocks in it and `recv_slots[peer]` the received ones."""
+    this rank's blocks in it and `recv_slots[peer]` the received ones; `send_offsets[peer]`
+    are the local blocks sent to a peer."""
 
     def __init__(self, pattern: Any, heads: tuple[int, ...], ctx: AttentionContext,
                  chunk_blocks: int) -> None:
@@ -107,6 +108,8 @@ class _Exchange:
         self.own_offsets = torch.tensor([offset(b, rank) for b in own], dtype=torch.long)
         self.recv_slots = {p: torch.tensor([slot[b] for b, _ in blocks], dtype=torch.long)
                            for p, blocks in self.recv.items()}
+        self.send_offsets = {p: torch.tensor([o for _, o in blocks], dtype=torch.long)
+                             for p, blocks in self.send.items()}
         self.ranks = dist.get_process_group_ranks(ctx.cp_group)
         self.ctx = ctx
 
@@ -116,14 +119,6 @@ class _Exchange:
     def blocks_before(self, block: int) -> int:
         """How many of `blocks` lie before global `block`."""
         return bisect.bisect_left(self.blocks, block)
-
-
-def _gather_blocks(x_bthd: torch.Tensor, offsets: list[int], bs: int) -> torch.Tensor:
-    """[B, n * bs, H, D]: the given local blocks of x, in order."""
-    if not offsets:
-        return x_bthd.new_empty((x_bthd.shape[0], 0, *x_bthd.shape[2:]))
-    idx = torch.cat([torch.arange(o * bs, (o + 1) * bs, device=x_bthd.device) for o in offsets])
-    return x_bthd.index_select(1, idx)
 
 
 def _p2p(plan: _Exchange, outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor],
@@ -155,8 +150,8 @@ def _collect(x_local: torch.Tensor, plan: _Exchange, bs: int, *, what: str) -> t
     compact = x_local.new_empty((b, len(plan.blocks) * bs, *rest))
     slots = _blocked(compact, bs)
     slots[:, plan.own_slots.to(dev)] = _blocked(x_local, bs)[:, plan.own_offsets.to(dev)]
-    outgoing = {p: _gather_blocks(x_local, [o for _, o in blocks], bs)
-                for p, blocks in plan.send.items()}
+    outgoing = {p: _blocked(x_local, bs)[:, offsets.to(dev)].reshape(b, -1, *rest)
+                for p, offsets in plan.send_offsets.items()}
     incoming = {p: x_local.new_empty((b, len(blocks) * bs, *rest))
                 for p, blocks in plan.recv.items()}
     _p2p(plan, outgoing, incoming, what=what)
@@ -190,10 +185,8 @@ class _GatherNeeded(torch.autograd.Function):
         incoming = {p: grad_compact.new_empty((b, len(blocks) * bs, *rest))
                     for p, blocks in plan.send.items()}
         _p2p(plan, outgoing, incoming, what="S2 K/V gradient blocks send/recv")
-        for p, blocks in plan.send.items():
-            if blocks:
-                offsets = torch.tensor([o for _, o in blocks], dtype=torch.long, device=dev)
-                local.index_add_(1, offsets, _blocked(incoming[p], bs))
+        for p, offsets in plan.send_offsets.items():
+            local.index_add_(1, offsets.to(dev), _blocked(incoming[p], bs))
         return grad_local, None, None
 
 

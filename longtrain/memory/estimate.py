@@ -22,10 +22,10 @@ Saved for the backward per token and softmax layer (what `ActivationStore` count
 
 A linear-attention layer saves its gate input and output instead of the log-sum-exp (about
 2q more). Under sequence parallelism (`parallel.sequence_parallel`) the H terms (the norms'
-and the column-parallel linears' inputs, the layer input under `full`) hold tokens / tp. Outside the layers: the final norm and head inputs (2H, int8 too) and the logits
-with their float32 copy for the loss ((e + 4) V; e V in fp32, where the loss works on the
-logits themselves), for one chunk of `train.loss_chunk`
-positions at a time.
+and the column-parallel linears' inputs, the layer input under `full`) hold tokens / tp.
+Outside the layers: the final norm and head inputs (2H, int8 too) and the logits with their
+float32 copy for the loss ((e + 4) V; e V in fp32, where the loss works on the logits
+themselves), for one chunk of `train.loss_chunk` positions at a time.
 
 The peak comes in the backward, above what is saved, by a working set measured in units of
 one layer's `none` column (L1): the backward of a layer holds activation gradients and

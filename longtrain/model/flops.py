@@ -60,8 +60,9 @@ def step_flops(cfg: Any, *, seq_len: int | None = None, sequences: int | None = 
             # the linear layer's output gate
             per_token += 2.0 * h * hq * d
         attention += layer.spec.forward_flops(t=t, heads=hq, head_dim=d, attention=cfg.attention)
-        if layer.kind == "softmax" and layer.spec.forward_flops is softmax_forward_flops:
-            # Q K^T and P V: 4 D per (query, key) pair and head
-            per_pair += 4.0 * d * hq
+        if layer.spec.forward_flops is softmax_forward_flops:
+            # a length-1 sequence holds one causal pair
+            per_pair += softmax_forward_flops(t=1, heads=hq, head_dim=d,
+                                              attention=cfg.attention)
     return StepFlops(matmul=3.0 * per_token * t * n_seq, attention=3.0 * attention * n_seq,
                      per_pair=3.0 * per_pair, pairs=float(causal_pairs(t) * n_seq))

@@ -88,12 +88,22 @@ def _column(layer: nn.Module, x_bth: torch.Tensor, sp: bool) -> torch.Tensor:
     return sequence.gather_linear(x_bth, layer.weight, layer.bias, _tp_group())
 
 
+def _summed(partial_bth: torch.Tensor, sp: bool) -> torch.Tensor:
+    """A row-parallel product's partial sums over the TP ranks: all-reduced, or under sequence
+    parallelism reduce-scattered along the sequence."""
+    if sp:
+        return sequence.reduce_scatter(partial_bth, _tp_group())
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(partial_bth)
+
+
 def _row(layer: nn.Module, x_bth: torch.Tensor, sp: bool) -> torch.Tensor:
-    """A megatron row-parallel linear (no bias); under sequence parallelism its partial sums
-    are reduce-scattered over the TP ranks along the sequence instead of all-reduced."""
+    """A megatron row-parallel linear (no bias): megatron's own call, or under sequence
+    parallelism its product `_summed` along the sequence."""
     if not sp:
         return layer(x_bth)[0]
-    return sequence.reduce_scatter(F.linear(x_bth, layer.weight), _tp_group())
+    return _summed(F.linear(x_bth, layer.weight), sp)
 
 
 def mark_sequence_parallel(model: nn.Module) -> None:
@@ -197,9 +207,9 @@ class LinearAttention(nn.Module):
     sigmoid(gate(x))), with a fixed per-head decay on the *global* head index (so every TP
     layout computes the same function), a per-head RMS norm (no TP reduction) and no RoPE:
     position enters through the decay. `linear_attention` is the sequence-parallel method."""
+
     # set by LlamaModel under sequence parallelism (its input holds T / tp tokens)
     sp = False
-
 
     def __init__(self, shape: ModelShape, *, mp_config, linear_attention, tp_rank: int,
                  dtype: torch.dtype, device: torch.device, layer: int = 0) -> None:
@@ -242,9 +252,12 @@ class LinearAttention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused per TP rank."""
+
     # set by LlamaModel under sequence parallelism (its input holds T / tp tokens)
     sp = False
-
+    # memory.checkpointing=selective: the SwiGLU product is recomputed for the down
+    # projection's weight gradient instead of kept (`memory.functions.swiglu_down`)
+    recompute_product = False
 
     def __init__(self, shape: ModelShape, *, mp_config) -> None:
         super().__init__()
@@ -260,20 +273,11 @@ class MLP(nn.Module):
             bias=False, input_is_parallel=True, skip_bias_add=False,
         )
 
-    # memory.checkpointing=selective: the SwiGLU product is recomputed for the down
-    # projection's weight gradient instead of kept (`memory.functions.swiglu_down`)
-    recompute_product = False
-
     def forward(self, x_bth: torch.Tensor) -> torch.Tensor:
         gate, up = _column(self.gate_up, x_bth, self.sp).chunk(2, dim=-1)
         if not self.recompute_product:
             return _row(self.down, swiglu(gate, up), self.sp)
-        partial = swiglu_down(gate, up, self.down.weight)
-        if self.sp:
-            return sequence.reduce_scatter(partial, _tp_group())
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-        return reduce_from_tensor_model_parallel_region(partial)
+        return _summed(swiglu_down(gate, up, self.down.weight), self.sp)
 
 
 class DecoderLayer(nn.Module):

@@ -23,7 +23,8 @@ def rank_order(slot_nodes: list[str]) -> list[int]:
     return sorted(range(len(slot_nodes)), key=lambda i: (first[slot_nodes[i]], i))
 
 
-def spans(rank_nodes: list[str], dims: ParallelDims) -> dict[str, list[tuple[list[int], list[str]]]]:
+def spans(rank_nodes: list[str], dims: ParallelDims
+          ) -> dict[str, list[tuple[list[int], list[str]]]]:
     """Per axis (tp, cp, dp): each group's ranks and the distinct nodes they run on (in rank
     order)."""
     if len(rank_nodes) != dims.world_size:

@@ -17,7 +17,7 @@ Between the parallel linears each TP rank holds a contiguous 1/tp of the (local)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,12 +36,17 @@ def _all_gather(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _reduce_scatter(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
+def _parts(x_bt_: torch.Tensor, group: Any) -> tuple[torch.Tensor, ...]:
+    """x's tokens cut into one contiguous piece per TP rank."""
     n = _size(group)
     if x_bt_.shape[1] % n:
         raise ValueError(f"sequence parallelism: {x_bt_.shape[1]} tokens do not split over "
                          f"{n} TP ranks")
-    parts = [p.contiguous() for p in x_bt_.chunk(n, dim=1)]
+    return x_bt_.chunk(n, dim=1)
+
+
+def _reduce_scatter(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
+    parts = [p.contiguous() for p in _parts(x_bt_, group)]
     out = torch.empty_like(parts[0])
     with collective("sequence-parallel reduce-scatter", group="tensor-parallel"):
         dist.reduce_scatter(out, parts, group=group)
@@ -49,44 +54,23 @@ def _reduce_scatter(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def _mine(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
-    n = _size(group)
-    if x_bt_.shape[1] % n:
-        raise ValueError(f"sequence parallelism: {x_bt_.shape[1]} tokens do not split over "
-                         f"{n} TP ranks")
-    return x_bt_.chunk(n, dim=1)[dist.get_rank(group)].contiguous()
+    return _parts(x_bt_, group)[dist.get_rank(group)].contiguous()
 
 
-class _GatherSummedGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather(x, group)
+class _Exchange(torch.autograd.Function):
+    """`forward_op` on the activations, `backward_op` on their gradient (both over the TP
+    group): the three plain exchanges below are pairs of `_all_gather`, `_reduce_scatter` and
+    `_mine`."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return _mine(grad, ctx.group), None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter(x, group)
+    def forward(ctx: Any, x: torch.Tensor, group: Any, forward_op: Callable,
+                backward_op: Callable) -> torch.Tensor:
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return _all_gather(grad, ctx.group), None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _mine(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return _all_gather(grad, ctx.group), None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -113,12 +97,12 @@ def gather_linear(x_bt_: torch.Tensor, weight: torch.Tensor, bias: Any, group: A
 
 
 def gather_summed_grad(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
-    return _GatherSummedGrad.apply(x_bt_, group)
+    return _Exchange.apply(x_bt_, group, _all_gather, _mine)
 
 
 def reduce_scatter(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
-    return _ReduceScatter.apply(x_bt_, group)
+    return _Exchange.apply(x_bt_, group, _reduce_scatter, _all_gather)
 
 
 def scatter(x_bt_: torch.Tensor, group: Any) -> torch.Tensor:
-    return _Scatter.apply(x_bt_, group)
+    return _Exchange.apply(x_bt_, group, _mine, _all_gather)

@@ -117,7 +117,7 @@ def _rope_problems(cfg: RunConfig) -> list[str]:
 
 
 def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
-    d, cp = cfg.data, cfg.parallel.cp
+    d, cp, tp = cfg.data, cfg.parallel.cp, cfg.parallel.tp
     out = source_problems(d)
     if not tokenizer_problems(d.tokenizer):
         try:
@@ -134,9 +134,7 @@ def _data_problems(cfg: RunConfig, dims: ParallelDims) -> list[str]:
     elif cp >= 1 and d.seq_len % (2 * cp) != 0:
         out.append(f"data.seq_len={d.seq_len} is not divisible by 2 * parallel.cp = {2 * cp} "
                    f"(the zigzag layout cuts the sequence into 2*cp chunks)")
-    tp = cfg.parallel.tp
-    if cfg.sequence_parallel and cp >= 1 and d.seq_len >= 1 and d.seq_len % (2 * cp) == 0 \
-            and (d.seq_len // cp) % tp:
+    elif cp >= 1 and cfg.sequence_parallel and (d.seq_len // cp) % tp:
         out.append(f"data.seq_len={d.seq_len} / parallel.cp={cp} = {d.seq_len // cp} local "
                    f"tokens is not divisible by parallel.tp={tp} (sequence parallelism splits "
                    f"them over the TP ranks; or set parallel.sequence_parallel=false)")
@@ -180,7 +178,7 @@ def problems(cfg: RunConfig) -> list[str]:
                    f"(positions per loss chunk; 0: the whole sequence at once)")
     if cfg.optim.lr <= 0:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
-    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1 and cfg.optim.zero:
+    if cfg.sequence_parallel and cfg.optim.zero:
         out.append(f"parallel.sequence_parallel=true with optim.zero={cfg.optim.zero}: "
                    f"DeepSpeed does not sum the norms' gradients over TP; use "
                    f"parallel.sequence_parallel=false (the default with ZeRO) or optim.zero=0")

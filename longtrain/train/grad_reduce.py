@@ -31,6 +31,19 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "param": None}
 
 
+def sum_flat(tensors: list[torch.Tensor], *, group: Any) -> None:
+    """Sum each tensor over `group` in place, with one all-reduce of their concatenation (for a
+    few small tensors: late gradients, the norms' weights)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class _Bucket:
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
         self.params = params
@@ -109,15 +122,11 @@ class GradReducer:
                 b.handle.wait()
         if self.late:
             # gradients that came after their bucket had started (see the module docstring)
-            late = [self.late[p] for p in self.params if p in self.late]
-            flat = torch.cat([g.reshape(-1) for g in late])
-            dist.all_reduce(flat, group=self.group)
-            offset = 0
-            for p in self.params:
-                if p in self.late:
-                    i, j = self.where[p]
-                    self.buckets[i].views[j].add_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            late = [p for p in self.params if p in self.late]
+            sum_flat([self.late[p] for p in late], group=self.group)
+            for p in late:
+                i, j = self.where[p]
+                self.buckets[i].views[j].add_(self.late[p])
             self.late.clear()
         return self.grads()
 

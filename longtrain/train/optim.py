@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.config.schema import OptimConfig
-from longtrain.train.grad_reduce import GradReducer
+from longtrain.train.grad_reduce import GradReducer, sum_flat
 from longtrain.train.lr import decay_groups, lr_at
 from longtrain.train.zero import ZeroOptimizer
 
@@ -33,16 +33,8 @@ def sum_sequence_parallel(params: list[nn.Parameter], grads: list[Optional[torch
     of the sequence (`sequence_parallel`: the norms under Megatron sequence parallelism)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    mine = [g for p, g in zip(params, grads)
-            if g is not None and getattr(p, "sequence_parallel", False)]
-    if not mine:
-        return
-    flat = torch.cat([g.reshape(-1) for g in mine])  # the norms' weights: a few H each
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for g in mine:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    sum_flat([g for p, g in zip(params, grads)
+              if g is not None and getattr(p, "sequence_parallel", False)], group=tp_group)
 
 
 def grad_norm(params: list[nn.Parameter], *, tp_group,

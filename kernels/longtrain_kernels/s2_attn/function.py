@@ -100,13 +100,18 @@ def _compacted(x_bhtd: torch.Tensor, k_blocks: tuple[int, ...], bs: int) -> torc
     return x_bhtd.reshape(b, h, -1, bs, *rest)[:, :, list(k_blocks)].reshape(b, h, -1, *rest)
 
 
+def _expanded_keys(k: torch.Tensor, v: torch.Tensor, k_doc: Optional[torch.Tensor],
+                   k_blocks: tuple[int, ...], bs: int) -> tuple[torch.Tensor, ...]:
+    """Compact k, v, k_doc -> the global-order prefix the Triton kernels address."""
+    k_doc = None if k_doc is None else _expanded(k_doc[:, None], k_blocks, bs)[:, 0]
+    return _expanded(k, k_blocks, bs), _expanded(v, k_blocks, bs), k_doc
+
+
 def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
                     k_blocks: Optional[tuple[int, ...]], k_doc: Optional[torch.Tensor],
                     **opts: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if k_blocks is not None:
-        bs = pattern.block_size
-        k, v = _expanded(k, k_blocks, bs), _expanded(v, k_blocks, bs)
-        k_doc = None if k_doc is None else _expanded(k_doc[:, None], k_blocks, bs)[:, 0]
+        k, v, k_doc = _expanded_keys(k, v, k_doc, k_blocks, pattern.block_size)
     return launch.s2_forward(q, k, v, pattern, k_doc=k_doc, **opts)
 
 
@@ -117,8 +122,7 @@ def _triton_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if k_blocks is None:
         return launch.s2_backward(dout, q, k, v, out, lse, pattern, k_doc=k_doc, **opts)
     bs = pattern.block_size
-    k, v = _expanded(k, k_blocks, bs), _expanded(v, k_blocks, bs)
-    k_doc = None if k_doc is None else _expanded(k_doc[:, None], k_blocks, bs)[:, 0]
+    k, v, k_doc = _expanded_keys(k, v, k_doc, k_blocks, bs)
     dq, dk, dv = launch.s2_backward(dout, q, k, v, out, lse, pattern, k_doc=k_doc, **opts)
     return dq, _compacted(dk, k_blocks, bs), _compacted(dv, k_blocks, bs)
 
@@ -172,7 +176,8 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Patte
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
                  head_offset: int = 0, q_start: int = 0, scale: Optional[float] = None,
                  q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None,
-                 k_blocks: Optional[tuple[int, ...]] = None, backend: str = "auto") -> torch.Tensor:
+                 k_blocks: Optional[tuple[int, ...]] = None, backend: str = "auto"
+                 ) -> torch.Tensor:
     """S2-Attention: per-head block-sparse causal softmax attention. Differentiable in q, k, v.
 
     q [B, Tq, Hq, D] are the rows at global positions q_start .. q_start + Tq - 1; k, v
@@ -183,7 +188,8 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2P
     neither) and pattern.block_allowed(p // bs, s // bs, head_offset + h). `scale` defaults to
     1/sqrt(D). With `k_blocks` (ascending global block indices, holding at least the queries'
     own blocks and every block they may read) k / v / k_doc hold only those blocks, in that
-    order: Tk = len(k_blocks) * bs. backend: "auto" (Triton on CUDA when available, else torch), "torch", "triton".
+    order: Tk = len(k_blocks) * bs. backend: "auto" (Triton on CUDA when available, else
+    torch), "torch", "triton".
     Returns out [B, Tq, Hq, D] in q's dtype.
     """
     opts, name = _prepare(q, k, v, pattern, head_offset=head_offset, q_start=q_start,
@@ -196,7 +202,8 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2P
 def s2_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: S2Pattern, *,
                      head_offset: int = 0, q_start: int = 0, scale: Optional[float] = None,
                      q_doc: Optional[torch.Tensor] = None, k_doc: Optional[torch.Tensor] = None,
-                     k_blocks: Optional[tuple[int, ...]] = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     k_blocks: Optional[tuple[int, ...]] = None, backend: str = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq]) of `s2_attention`, not differentiable.
 
     lse is the natural-log log-sum-exp of the row's allowed scores: float32, or float64 for
