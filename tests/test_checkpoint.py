@@ -80,7 +80,7 @@ def test_checkpoint_holds_the_canonical_weights_and_reads_in_one_process(interru
     path = find_checkpoint(os.path.join(interrupted, "checkpoints"))
     manifest = read_manifest(path)
     assert manifest["step"] == SAVE_AT and manifest["layout"] == {"world_size": 4, "tp": 2,
-                                                                    "cp": 2, "dp": 1}
+                                                                    "cp": 2, "dp": 1, "zero": 0}
     assert manifest["data"]["step"] == SAVE_AT and manifest["data"]["seq_len"] == 256
     with open_native_weights(path) as get:
         for name, tensor in first["weights"].items():

@@ -8,10 +8,11 @@ Layout of a checkpoint root (`checkpoint.dir`, default `<output_dir>/checkpoints
     .step_00000200.tmp/       a save in progress (never read; removed by the next save)
 
 Tensors are stored under canonical Hugging Face names (`model.<name>`, `optim.exp_avg.<name>`,
-...), each TP-sharded one as a DTensor over the TP group sharded along the dimension TP
-splits it, so DCP records global offsets and any other layout (another TP, CP or DP degree,
-or one process) loads it: DCP reads exactly the pieces each rank needs. Replicated copies
-(DP and CP ranks, norms) are written once.
+...), each rank writing the chunks it holds at their global offsets (`chunks.Chunked`: its TP
+shard, and within it its ZeRO / FSDP share), so any other layout (another TP, CP or DP
+degree, another sharding level, or one process) loads it: DCP reads exactly the pieces each
+rank needs, and no rank ever gathers a full tensor. Replicated copies (DP and CP ranks
+without sharding, norms across TP) are written once.
 
 A save writes into the hidden temporary directory; only after every rank finished and the
 manifest (written last) is in place is it renamed to `step_N`. A crash mid-save leaves the
@@ -33,18 +34,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from longtrain.checkpoint.chunks import Chunked, Rect, SavePlanner, held_parts
 from longtrain.config.schema import ModelConfig, RopeConfig
 from longtrain.model.sharding import canonical_shapes, shard_specs
 from longtrain.observability.log import get_logger
 
 if TYPE_CHECKING:
     from longtrain.model.llama import LlamaModel
-    from longtrain.parallel.runtime import ParallelRuntime
 
 __all__ = ["CheckpointError", "ResumeChoice", "canonical_views", "choose_resume",
            "find_checkpoint", "is_native_checkpoint", "list_checkpoints", "model_mismatch",
-           "open_native_weights", "read_manifest", "resolve_resume", "tp_mesh",
-           "write_checkpoint", "write_weights_checkpoint"]
+           "open_native_weights", "read_manifest", "resolve_resume", "write_checkpoint",
+           "write_weights_checkpoint"]
 
 FORMAT = "longtrain-dcp/1"
 MANIFEST = "manifest.json"
@@ -152,45 +153,47 @@ def model_mismatch(manifest: dict[str, Any], model: ModelConfig) -> list[str]:
 # canonical views of this rank's tensors
 
 
-def tp_mesh(runtime: "ParallelRuntime"):
-    from torch.distributed.device_mesh import DeviceMesh
+def canonical_views(model: "LlamaModel", held_by_name: dict[str, Any]) -> dict[str, Chunked]:
+    """canonical name -> the chunks of it this rank holds, viewing (sharing storage with)
+    the local tensors, at their offsets in the full canonical tensor.
 
-    return DeviceMesh.from_group(runtime.tp_group, runtime.device.type)
-
-
-def canonical_views(model: "LlamaModel", local_by_name: dict[str, torch.Tensor], *,
-                     mesh) -> dict[str, torch.Tensor]:
-    """canonical name -> this rank's part of it, viewing (sharing storage with) the local
-    tensors: a DTensor over the TP mesh for TP-sharded tensors, the tensor itself otherwise.
-
-    `local_by_name` maps the model's parameter names to tensors shaped like the parameters
-    (the parameters, their fp32 masters or optimizer moments)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    tp, tp_rank = model.shape.tp, model.tp_rank
+    `held_by_name` maps the model's parameter names to what this rank holds of a tensor
+    shaped like its TP-local parameter (the parameter, its fp32 master or an optimizer
+    moment): the whole tensor, a DTensor shard of it or a flat `Fragment` of it
+    (`chunks.held_parts`)."""
+    tp_rank = model.tp_rank
     shapes = canonical_shapes(model)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Chunked] = {}
     for spec in shard_specs(model):
+        held = held_by_name[spec.local_name]
         # detached: DCP loads in place, which autograd refuses on views of parameters
-        local = local_by_name[spec.local_name].detach()
-        if spec.dim is None:
-            out[spec.pieces[0]] = local
-            continue
+        parts = [(rect, local.detach()) for rect, local in held_parts(held)]
+        local_shape = tuple(held.shape)
         offset = 0
         for name in spec.pieces:
             full = shapes[name]
-            per_rank = -(-full[spec.dim] // tp)
-            # torch.chunk semantics (DTensor's): with vocabulary padding the last ranks hold
-            # fewer real rows, or none; padding rows are not part of the canonical tensor.
-            valid = max(0, min(per_rank, full[spec.dim] - tp_rank * per_rank))
-            view = local.narrow(spec.dim, offset, valid)
-            offset += per_rank
-            if tp == 1:
-                out[name] = view
-                continue
-            stride = torch.empty(full, device="meta").stride()
-            out[name] = DTensor.from_local(view, mesh, [Shard(spec.dim)], run_check=False,
-                                           shape=torch.Size(full), stride=stride)
+            if spec.dim is None:
+                piece, shift = Rect.whole(full), [0] * len(full)
+            else:
+                per_rank = -(-full[spec.dim] // model.shape.tp)
+                # torch.chunk semantics (DTensor's): with vocabulary padding the last ranks
+                # hold fewer real rows, or none; padding rows are not part of the canonical
+                # tensor.
+                valid = max(0, min(per_rank, full[spec.dim] - tp_rank * per_rank))
+                starts = [0] * len(local_shape)
+                lengths = list(local_shape)
+                starts[spec.dim], lengths[spec.dim] = offset, valid
+                piece = Rect(tuple(starts), tuple(lengths))
+                shift = [0] * len(full)
+                shift[spec.dim] = tp_rank * per_rank - offset
+                offset += per_rank
+            chunks = []
+            for rect, local in parts:
+                common = rect.intersect(piece)
+                if common is not None:
+                    chunks.append((tuple(s + d for s, d in zip(common.starts, shift)),
+                                   common.view(local, origin=rect)))
+            out[name] = Chunked(full, chunks)
     return out
 
 
@@ -261,7 +264,7 @@ def write_checkpoint(root: str, *, step: int, state_dict: dict[str, Any], rank: 
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _barrier()
     try:
-        dcp.save(state_dict, checkpoint_id=tmp)
+        dcp.save(state_dict, checkpoint_id=tmp, planner=SavePlanner())
     except BaseException:
         if is_coordinator:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -81,7 +81,9 @@ class TrainState:
 
 
 def _describe_layout(layout: dict[str, int]) -> str:
-    return f"world={layout['world_size']} = tp {layout['tp']} x cp {layout['cp']} x dp {layout['dp']}"
+    zero = f", ZeRO-{layout['zero']}" if layout.get("zero") else ""
+    return (f"world={layout['world_size']} = tp {layout['tp']} x cp {layout['cp']} x dp "
+            f"{layout['dp']}{zero}")
 
 
 def checkpoint_meta(cfg: RunConfig, *, step: int) -> dict[str, Any]:

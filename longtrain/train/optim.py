@@ -4,8 +4,7 @@ weights when the model runs in bf16."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,8 @@ from longtrain.config.schema import OptimConfig
 from longtrain.train.grad_reduce import GradReducer, sum_flat
 from longtrain.train.lr import decay_groups, lr_at
 from longtrain.train.zero import ZeroOptimizer
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runtime=None,
@@ -127,10 +128,34 @@ class Optimizer:
             else:
                 dist.all_reduce(g, group=group)
 
-    @contextlib.contextmanager
-    def materialized(self, *, load: bool = False) -> Iterator[None]:
-        """`master` and `inner.state` already hold the full state (see zero.ZeroOptimizer)."""
-        yield
+    def held_state(self) -> list[dict[str, Any]]:
+        """Per parameter (in `params` order) its fp32 master and AdamW moments as this rank
+        holds them, for checkpoints (`checkpoint.chunks.held_parts`); zero moments for
+        parameters not stepped yet (a checkpoint at step 0)."""
+        out = []
+        for m in self.master:
+            state = self.inner.state[m]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(m, memory_format=torch.preserve_format)
+            out.append({"master": m, **{key: state[key] for key in MOMENTS}})
+        return out
+
+    @property
+    def step_count(self) -> int:
+        states = [self.inner.state[m] for m in self.master if self.inner.state[m]]
+        return int(states[0]["step"]) if states else 0
+
+    @torch.no_grad()
+    def loaded(self, step: int) -> None:
+        """After a checkpoint filled the masters and moments: the step count, and in mixed
+        precision the model's parameters rounded from the masters."""
+        for m in self.master:
+            self.inner.state[m]["step"] = torch.tensor(float(step))
+        if self.mixed:
+            for p, m in zip(self.params, self.master):
+                p.copy_(m.to(p.dtype))
 
     @torch.no_grad()
     def step(self, step: int, *, tp_group) -> dict[str, float]:

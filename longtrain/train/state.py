@@ -9,41 +9,25 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from longtrain.checkpoint.chunks import LoadPlanner
 from longtrain.checkpoint.native import (CheckpointError, canonical_views, model_mismatch,
-                                         read_manifest, tp_mesh, write_checkpoint)
+                                         read_manifest, write_checkpoint)
 from longtrain.model.llama import LlamaModel
 from longtrain.parallel.runtime import ParallelRuntime
-from longtrain.train.optim import Optimizer
+from longtrain.train.optim import MOMENTS, Optimizer
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _ensure_adam_state(optimizer: Optimizer) -> None:
-    """Zero moments for parameters that have not been stepped yet (a checkpoint at step 0)."""
-    for m in optimizer.master:
-        state = optimizer.inner.state[m]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
-
-
-def _train_state_dict(model: LlamaModel, optimizer: Optimizer, *, mesh,
+def _train_state_dict(model: LlamaModel, optimizer: Optimizer, *,
                       rank_key: str) -> dict[str, Any]:
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    by_param = {id(p): m for p, m in zip(optimizer.params, optimizer.master)}
-    params = dict(model.named_parameters())
-    master = {n: by_param[id(params[n])] for n in names}
-    _ensure_adam_state(optimizer)
+    """The checkpoint's entries as this rank holds them (chunks of the canonical tensors:
+    nothing is gathered, whatever the sharding level)."""
+    held = dict(zip(map(id, optimizer.params), optimizer.held_state()))
+    by_name = {n: held[id(p)] for n, p in model.named_parameters() if p.requires_grad}
     sd: dict[str, Any] = {}
-    for name, view in canonical_views(model, master, mesh=mesh).items():
-        sd[f"model.{name}"] = view
-    for moment in _MOMENTS:
-        moments = {n: optimizer.inner.state[master[n]][moment] for n in names}
-        for name, view in canonical_views(model, moments, mesh=mesh).items():
-            sd[f"optim.{moment}.{name}"] = view
+    for key, prefix in (("master", "model"), *((m, f"optim.{m}") for m in MOMENTS)):
+        views = canonical_views(model, {n: state[key] for n, state in by_name.items()})
+        sd.update({f"{prefix}.{name}": view for name, view in views.items()})
     # AdamW's step count is the same for every parameter: one scalar.
-    sd["optim.step"] = optimizer.inner.state[master[names[0]]]["step"].detach().clone().cpu()
+    sd["optim.step"] = torch.tensor(float(optimizer.step_count))
     sd[rank_key] = torch.get_rng_state()
     return sd
 
@@ -54,14 +38,12 @@ def save_train_state(root: str, *, step: int, model: LlamaModel, optimizer: Opti
     it); returns the checkpoint's path. `meta` (configs, data position, ...) goes into the
     manifest. Keeps the newest `keep` checkpoints."""
     dims = runtime.dims
-    # ZeRO: the shards gathered into full per-parameter state, as the plain optimizer has
-    with optimizer.materialized():
-        sd = _train_state_dict(model, optimizer, mesh=tp_mesh(runtime),
-                               rank_key=f"rng.rank{runtime.rank}")
-        return write_checkpoint(
-            root, step=step, state_dict=sd, rank=runtime.rank, keep=keep,
-            layout={"world_size": dims.world_size, "tp": dims.tp, "cp": dims.cp, "dp": dims.dp},
-            meta={"model": dataclasses.asdict(model.cfg), **meta})
+    sd = _train_state_dict(model, optimizer, rank_key=f"rng.rank{runtime.rank}")
+    return write_checkpoint(
+        root, step=step, state_dict=sd, rank=runtime.rank, keep=keep,
+        layout={"world_size": dims.world_size, "tp": dims.tp, "cp": dims.cp, "dp": dims.dp,
+                "zero": getattr(optimizer.cfg, "zero", 0)},
+        meta={"model": dataclasses.asdict(model.cfg), **meta})
 
 
 def load_train_state(path: str, *, model: LlamaModel, optimizer: Optimizer,
@@ -78,20 +60,13 @@ def load_train_state(path: str, *, model: LlamaModel, optimizer: Optimizer,
                               + "; ".join(diffs))
     same_world = manifest["layout"]["world_size"] == runtime.dims.world_size
     rank_key = f"rng.rank{runtime.rank}"
-    # ZeRO: loaded into full per-parameter state, then written back into the shards
-    with optimizer.materialized(load=True):
-        sd = _train_state_dict(model, optimizer, mesh=tp_mesh(runtime), rank_key=rank_key)
-        if not same_world:
-            # Per-rank RNG streams do not map onto another world size; the loop reseeds.
-            del sd[rank_key]
-        step_tensor = sd["optim.step"]
-        dcp.load(sd, checkpoint_id=path)
-        for m in optimizer.master:
-            optimizer.inner.state[m]["step"] = step_tensor.clone()
-        if same_world:
-            torch.set_rng_state(sd[rank_key])
-        if optimizer.mixed:
-            with torch.no_grad():
-                for p, m in zip(optimizer.params, optimizer.master):
-                    p.copy_(m.to(p.dtype))
+    # each rank reads into the chunks it holds (its ZeRO / FSDP share of its TP shard)
+    sd = _train_state_dict(model, optimizer, rank_key=rank_key)
+    if not same_world:
+        # Per-rank RNG streams do not map onto another world size; the loop reseeds.
+        del sd[rank_key]
+    dcp.load(sd, checkpoint_id=path, planner=LoadPlanner())
+    optimizer.loaded(int(sd["optim.step"]))
+    if same_world:
+        torch.set_rng_state(sd[rank_key])
     return manifest

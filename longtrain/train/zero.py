@@ -10,21 +10,21 @@ Our loss is already divided by the global target count, so gradients are to be s
 CP x DP; DeepSpeed averages them, so `backward` multiplies the loss by the group size, and
 tells the engine not to divide by the micro-batch count either.
 
-Checkpoints stay in the native, reshardable format: `materialized()` gathers each parameter's
-full fp32 master and moments from the shards (DeepSpeed's safe_get_full_* helpers) into the
-same attributes the plain Optimizer has, and writes them back into the shards after a load.
+Checkpoints stay in the native, reshardable format without gathering anything: `held_state`
+gives each parameter's fragment of the flat fp32 partitions (DeepSpeed's `_hp_mapping`), and
+the checkpoint writes and reads those fragments as chunks of the canonical tensors
+(`longtrain.checkpoint.chunks`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from longtrain.checkpoint.chunks import Fragment
 from longtrain.config.schema import OptimConfig
 from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
 from longtrain.train.lr import decay_groups, lr_at
@@ -97,9 +97,6 @@ class ZeroOptimizer:
             model=model, model_parameters=decay_groups(self.params, cfg.weight_decay),
             config=ds_config, mpu=_Mpu(runtime))
         self._step_count = 0
-        # filled by materialized(): the plain Optimizer's attributes, for checkpoints
-        self.master: list[torch.Tensor] = []
-        self.inner = SimpleNamespace(state={})
 
     def set_group(self, group: Any) -> None:
         """ZeRO refuses schedules that change CP (planning.validate): nothing to do."""
@@ -150,33 +147,37 @@ class ZeroOptimizer:
                     state[key] = torch.zeros_like(part, memory_format=torch.preserve_format)
         self._relink_optimizer_state()
 
-    @contextlib.contextmanager
-    def materialized(self, *, load: bool = False) -> Iterator[None]:
-        """Full fp32 masters and AdamW moments per parameter in `master` / `inner.state` (a
-        collective over CP x DP); with load=True whatever was written into them (a checkpoint
-        load) goes back into the shards and the parameters on exit."""
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
-
-        self.master, self.inner.state = [], {}
+    def held_state(self) -> list[dict[str, Any]]:
+        """Per parameter (in `params` order), this rank's fragments of its fp32 master and
+        AdamW moments (`Fragment`s of the flattened parameter; empty where this rank holds
+        none of it), viewing DeepSpeed's partitions: a checkpoint writes them and a load
+        fills them in place, nothing is gathered."""
+        if not self._step_count:
+            self._create_optimizer_state(0)
+        out = []
         for p in self.params:
-            m = safe_get_full_fp32_param(p).detach().clone()
-            state = {"step": torch.tensor(float(self._step_count))}
-            for key in _MOMENTS:
-                value = safe_get_full_optimizer_state(p, key) if self._step_count else None
-                state[key] = torch.zeros_like(m) if value is None else value.detach().clone()
-            self.master.append(m)
-            self.inner.state[m] = state
-        try:
-            yield
-            if load:
-                steps = {float(s["step"]) for s in self.inner.state.values()}
-                self._step_count = int(max(steps)) if steps else 0
-                self._create_optimizer_state(self._step_count)
-                for p, m in zip(self.params, self.master):
-                    safe_set_full_fp32_param(p, m)
-                    for key in _MOMENTS:
-                        safe_set_full_optimizer_state(p, self.inner.state[m][key], key)
-                    p.data.copy_(m.to(p.dtype))
-        finally:
-            self.master, self.inner.state = [], {}
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                empty = Fragment(tuple(p.shape), 0, torch.empty(0, dtype=torch.float32))
+                out.append({key: empty for key in ("master", *_MOMENTS)})
+                continue
+            start = mapping.lp_fragment_address.start
+            out.append({"master": Fragment(tuple(p.shape), start, mapping.hp_fragment.data),
+                        **{key: Fragment(tuple(p.shape), start,
+                                         mapping.get_optim_state_fragment(key))
+                           for key in _MOMENTS}})
+        return out
+
+    @property
+    def step_count(self) -> int:
+        return self._step_count
+
+    def loaded(self, step: int) -> None:
+        """After a checkpoint filled the fragments: the step count, and the model's own
+        (full, per rank) parameters from the masters (DeepSpeed's all-gather of the
+        partitions)."""
+        self._step_count = step
+        zero = self.engine.optimizer
+        for part in zero.single_partition_of_fp32_groups:
+            zero.optimizer.state[part]["step"] = torch.tensor(float(step))
+        zero.update_lp_params()
