@@ -113,7 +113,7 @@ class ParallelConfig:
     cp: int = 1
     # Megatron sequence parallelism with TP: norms and residuals hold T / tp tokens per TP
     # rank (all-gathered before the column-parallel linears, reduce-scattered after the
-    # row-parallel ones). None -> on when tp > 1 and optim.zero = 0.
+    # row-parallel ones). None -> on when tp > 1 and optim.zero is 0 or 3.
     sequence_parallel: Optional[bool] = None
     # auto -> nccl when CUDA is available, else gloo
     backend: str = "auto"
@@ -178,7 +178,9 @@ class OptimConfig:
     eps: float = 1e-8
     # 0 disables clipping
     grad_clip: float = 1.0
-    # DeepSpeed ZeRO stage (0 = plain optimizer)
+    # Sharding over the CP x DP ranks: 0 none (the plain optimizer); 1 the AdamW state and
+    # 2 the gradients as well (DeepSpeed ZeRO-1/2); 3 the parameters too (torch FSDP2: each
+    # decoder layer gathered just in time, ZeRO-3 class)
     zero: int = 0
     # the precision gradients are accumulated and summed over CP x DP in: fp32, or param (the
     # parameters' dtype, e.g. bf16: half the bytes on the wire, bf16 rounding in the sum)
@@ -454,7 +456,8 @@ class RunConfig:
     @property
     def sequence_parallel(self) -> bool:
         """`parallel.sequence_parallel`, resolved: unset means on when tp > 1 and optim.zero
-        = 0 (DeepSpeed would not sum the norms' gradients over TP); nothing to do at tp = 1."""
+        is 0 or 3 (DeepSpeed ZeRO-1/2 would not sum the norms' gradients over TP); nothing to
+        do at tp = 1."""
         sp = self.parallel.sequence_parallel
         tp = self.parallel.tp
-        return tp > 1 and (not self.optim.zero if sp is None else bool(sp))
+        return tp > 1 and (self.optim.zero in (0, 3) if sp is None else bool(sp))

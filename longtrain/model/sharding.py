@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from longtrain.config.schema import ModelConfig
 from longtrain.model.llama import LlamaModel, layer_kinds
@@ -180,6 +181,8 @@ def iter_canonical(model: LlamaModel, *, group=None, grads: bool = False
             local = param.grad if param.grad is not None else torch.zeros_like(param)
         else:
             local = param.detach()
+        if isinstance(local, DTensor):  # sharded over CP x DP (optim.zero=3)
+            local = local.full_tensor()
         if spec.dim is None:
             yield spec.pieces[0], local.clone()
             continue

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.config.schema import OptimConfig
+from longtrain.train.fsdp import local, shard_model
 from longtrain.train.grad_reduce import GradReducer, sum_flat
 from longtrain.train.lr import decay_groups, lr_at
 from longtrain.train.zero import ZeroOptimizer
@@ -20,7 +21,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runtime=None,
                    micro_batches: int = 1):
-    """The plain Optimizer, or with optim.zero=1|2 the DeepSpeed ZeRO one (train.zero)."""
+    """The plain Optimizer; with optim.zero=1|2 the DeepSpeed ZeRO one (train.zero); with
+    optim.zero=3 the one over FSDP2-sharded parameters (it shards the model: train.fsdp)."""
+    if cfg.zero == 3:
+        return ShardedOptimizer(model, cfg, total_steps=total_steps, runtime=runtime)
     if cfg.zero:
         return ZeroOptimizer(model, cfg, total_steps=total_steps, runtime=runtime,
                              micro_batches=micro_batches)
@@ -39,9 +43,11 @@ def sum_sequence_parallel(params: list[nn.Parameter], grads: list[Optional[torch
 
 
 def grad_norm(params: list[nn.Parameter], *, tp_group,
-              grads: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+              grads: Optional[list[Optional[torch.Tensor]]] = None,
+              shard_group: Any = None) -> torch.Tensor:
     """Global L2 norm of the gradients (`grads`, default each parameter's .grad): TP-sharded
-    parameters summed over the TP group, replicated ones counted once."""
+    parameters summed over the TP group, replicated ones counted once; with `shard_group`
+    (FSDP) each rank's gradients are its shards, summed over that group first."""
     sharded: torch.Tensor | float = 0.0
     replicated: torch.Tensor | float = 0.0
     grads = [p.grad for p in params] if grads is None else grads
@@ -56,6 +62,8 @@ def grad_norm(params: list[nn.Parameter], *, tp_group,
     device = params[0].device if params else torch.device("cpu")
     total = torch.stack([torch.as_tensor(sharded, dtype=torch.float64, device=device),
                          torch.as_tensor(replicated, dtype=torch.float64, device=device)])
+    if shard_group is not None and dist.get_world_size(shard_group) > 1:
+        dist.all_reduce(total, group=shard_group)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         # Only the sharded part differs between TP ranks.
         shard_sq = total[:1].clone()
@@ -67,6 +75,9 @@ def grad_norm(params: list[nn.Parameter], *, tp_group,
 class Optimizer:
     """AdamW over fp32 parameters. When the model's parameters are not fp32, the optimizer
     keeps fp32 master copies and writes rounded values back after each step."""
+
+    # the group each rank's gradients are shards over (ShardedOptimizer: CP x DP)
+    shard_group: Any = None
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int,
                  group: Any = None) -> None:
@@ -161,8 +172,10 @@ class Optimizer:
     def step(self, step: int, *, tp_group) -> dict[str, float]:
         """Clip, update with the LR of `step`; returns {'lr', 'grad_norm'}."""
         grads = self.grads or [p.grad for p in self.params]
-        sum_sequence_parallel(self.params, grads, tp_group=tp_group)
-        norm = float(grad_norm(self.params, tp_group=tp_group, grads=grads))
+        shards = [None if g is None else local(g) for g in grads]
+        sum_sequence_parallel(self.params, shards, tp_group=tp_group)
+        norm = float(grad_norm(self.params, tp_group=tp_group, grads=shards,
+                               shard_group=self.shard_group))
         if self.mixed:
             for m, g in zip(self.master, grads):
                 m.grad = None if g is None else g.float()
@@ -187,3 +200,23 @@ class Optimizer:
                 m.grad = None
         self.grads = []
         return {"lr": lr, "grad_norm": norm}
+
+
+class ShardedOptimizer(Optimizer):
+    """The plain Optimizer over FSDP2-sharded fp32 parameters (`optim.zero=3`,
+    `fsdp.shard_model`): AdamW updates each rank's shards, which are also the master
+    weights; the gradients arrive reduce-scattered from FSDP's backward hooks, and their norm
+    sums the shards over CP x DP (and TP)."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, *, total_steps: int,
+                 runtime: Any) -> None:
+        shard_model(model, runtime, reduce_dtype=cfg.grad_reduce_dtype)
+        super().__init__(model, cfg, total_steps=total_steps)
+        self.shard_group = runtime.dp_cp_group
+
+    def set_group(self, group: Any) -> None:
+        """A schedule that changes CP is refused with ZeRO (planning.validate): nothing to do."""
+
+    def reduce_gradients(self, *, group: Any) -> None:
+        """FSDP reduce-scattered the gradients during the backward."""
+        self.grads = [p.grad for p in self.params]
