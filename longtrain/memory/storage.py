@@ -182,7 +182,10 @@ class ActivationStore:
 
     def _packer(self, pred: Callable[[torch.Tensor], bool]) -> Callable[[torch.Tensor], Any]:
         def pack(x: torch.Tensor) -> Any:
-            if x.data_ptr() in self._param_ptrs or isinstance(x, torch.nn.Parameter):
+            # parameters and views of them (a transposed weight), also the ones FSDP gathers
+            # for one layer's compute (optim.zero=3), which are parameters of their own
+            if (x.data_ptr() in self._param_ptrs or isinstance(x, torch.nn.Parameter)
+                    or isinstance(x._base, torch.nn.Parameter)):
                 return x
             # a view covering all of its base (a reshape) shares the base's stored copy
             base = x._base

@@ -178,17 +178,18 @@ def problems(cfg: RunConfig) -> list[str]:
                    f"(positions per loss chunk; 0: the whole sequence at once)")
     if cfg.optim.lr <= 0:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
-    if cfg.sequence_parallel and cfg.optim.zero:
+    if cfg.sequence_parallel and cfg.optim.zero in (1, 2):
         out.append(f"parallel.sequence_parallel=true with optim.zero={cfg.optim.zero}: "
                    f"DeepSpeed does not sum the norms' gradients over TP; use "
-                   f"parallel.sequence_parallel=false (the default with ZeRO) or optim.zero=0")
+                   f"parallel.sequence_parallel=false (the default with ZeRO-1/2), "
+                   f"optim.zero=0 or optim.zero=3")
     if not cfg.optim.grad_bucket_mb > 0:
         out.append(f"optim.grad_bucket_mb={cfg.optim.grad_bucket_mb} must be > 0")
     if cfg.optim.warmup_steps < 0:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0")
-    if cfg.optim.zero not in (0, 1, 2):
-        out.append(f"optim.zero={cfg.optim.zero} is not one of [0, 1, 2] (ZeRO-3 is not "
-                   f"supported: TP already shards the weights)")
+    if cfg.optim.zero not in (0, 1, 2, 3):
+        out.append(f"optim.zero={cfg.optim.zero!r} is not one of [0, 1, 2, 3] (0 no sharding, "
+                   f"1 AdamW state, 2 and gradients, 3 and parameters)")
     elif cfg.optim.zero and len({dict(st).get("cp", cfg.parallel.cp)
                                  for st in cfg.train.schedule} | {cfg.parallel.cp}) > 1:
         out.append(f"optim.zero={cfg.optim.zero} with a train.schedule that changes the CP "
