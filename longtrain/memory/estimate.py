@@ -1,5 +1,6 @@
 """The activation-memory model: each memory policy's per-rank bytes and relative step time
-(`memory=auto`, which picks among them, is longtrain.planning.memory).
+(`memory=auto`, which picks among them, is longtrain.planning.memory); and the model state
+per rank under each sharding level (`static_bytes`, whose docstring has its table).
 
 Legend (per TP rank): H hidden, q = local query heads x D, kv = local kv heads x D, I the
 local intermediate size, V the local vocabulary shard, e the activation element size (4 fp32,
@@ -106,8 +107,18 @@ class Shape:
     # tokens / tp (1: off)
     sp: int = 1
     # bytes per gradient element: the parameters' dtype, or 4 where the gradients are summed
-    # over CP x DP in fp32 buckets (optim.grad_reduce_dtype=fp32 without ZeRO)
+    # over CP x DP in fp32 (optim.grad_reduce_dtype=fp32: buckets without ZeRO, FSDP's
+    # reduce-scatter under ZeRO-3)
     grad_elem: int = 4
+    # the embedding, final norm and LM head on this rank (the rest of `params` is the layers')
+    root_params: int = 0
+
+    @property
+    def largest_layer_params(self) -> int:
+        """The parameters of this rank's largest decoder layer (a linear-attention layer has
+        its gate's)."""
+        return layer_params(self.hidden, self.q, self.kv, self.inter,
+                            linear=self.linear_layers > 0)
 
     @classmethod
     def of(cls, cfg: Any, *, seq_len: Optional[int] = None) -> "Shape":
@@ -118,14 +129,15 @@ class Shape:
         vocab = -(-m.vocab_size // tp)
         q, kv, inter = m.num_heads * d // tp, m.num_kv_heads * d // tp, m.intermediate_size // tp
         n_linear = sum(layer.kind == "linear" for layer in plan_layers(cfg.attention, m))
-        per_layer = (m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * inter
-                     + 2 * m.hidden_size)
-        params = (m.num_layers * per_layer + n_linear * m.hidden_size * q
-                  + vocab * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size)
+        # the embedding, the final norm and the LM head (FSDP's root unit under optim.zero=3)
+        root = vocab * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size
+        params = ((m.num_layers - n_linear) * layer_params(m.hidden_size, q, kv, inter)
+                  + n_linear * layer_params(m.hidden_size, q, kv, inter, linear=True) + root)
         return cls(hidden=m.hidden_size, q=q, kv=kv, heads=m.num_heads // tp, inter=inter,
                    vocab=vocab, layers=m.num_layers, linear_layers=n_linear, elem=elem,
                    group_size=cfg.memory.group_size,
                    tokens=cfg.data.micro_batch_size * t // cp, seq_len=t, params=params,
+                   root_params=root,
                    loss_tokens=cfg.data.micro_batch_size * min(
                        t // cp, cfg.train.loss_chunk or t // cp),
                    param_elem=elem,
@@ -133,10 +145,20 @@ class Shape:
                    grad_elem=_grad_elem(cfg, elem))
 
 
+def layer_params(hidden: int, q: int, kv: int, inter: int, *, linear: bool = False) -> int:
+    """One decoder layer's parameters on a TP rank: the q/k/v and out projections, the SwiGLU
+    MLP, two RMSNorm weights, and a linear-attention layer's output gate (hidden x q)."""
+    return (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+            + (hidden * q if linear else 0))
+
+
 def _grad_elem(cfg: Any, elem: int) -> int:
     optim = getattr(cfg, "optim", None)
-    if optim is None or optim.zero:
+    if optim is None or optim.zero in (1, 2):
         return elem
+    if optim.zero == 3:
+        # FSDP reduce-scatters in optim.grad_reduce_dtype whatever the group size
+        return 4 if optim.grad_reduce_dtype == "fp32" else elem
     dims = ParallelDims.from_config(cfg.parallel)
     summed = not dims.problems() and dims.cp * dims.dp > 1
     return 4 if summed and optim.grad_reduce_dtype == "fp32" else elem
@@ -186,17 +208,41 @@ def activation_bytes(s: Shape, policy: Policy) -> dict[str, float]:
     return out
 
 
-def static_bytes(s: Shape, *, zero: int = 0, dp: int = 1) -> dict[str, float]:
-    """Parameters, gradients and AdamW state per rank (fp32 master copies in bf16 runs; the
-    gradients in fp32 where they are summed in fp32 buckets); ZeRO-1 shards the optimizer
-    state over DP, ZeRO-2 the gradients as well."""
+def static_bytes(s: Shape, *, zero: int = 0, shards: int = 1) -> dict[str, float]:
+    """Model state per rank, by part: 'params', 'grads', 'optimizer', under optim.zero=3
+    'gathered', and their 'total'. `shards` = N, the ranks the state is sharded over: the
+    CP x DP group (cp * dp), for ZeRO-1/2 (DeepSpeed's data-parallel group) and ZeRO-3 alike.
+
+    P = `s.params` (this TP rank's), e its element size (2 in bf16 runs, 4 in fp32), g the
+    gradients' (`s.grad_elem`), m = 4 in bf16 runs (the fp32 master copy), 0 in fp32; R the
+    root's parameters (embedding, final norm, LM head), Lx the largest decoder layer's:
+
+    | part | zero 0 | zero 1 | zero 2 | zero 3 |
+    |---|---|---|---|---|
+    | params | e P | e P | e P | 4 P / N (fp32: the master weights) |
+    | grads | g P | g P | g P / N | 4 P / N |
+    | optimizer | (8 + m) P | (8 + m) P / N | (8 + m) P / N | 8 P / N (the AdamW moments) |
+    | gathered | - | - | - | 2 e R + (2 e + g) Lx |
+
+    Zero 3 (FSDP2, longtrain.train.fsdp) gathers the parameters per decoder layer just in
+    time, in e: at most two layers at once (the current one and the prefetched next). The
+    root is gathered for the whole step (FSDP2 does not reshard the root after the forward),
+    and its gradients, in e, stay unsharded through the backward (the LM head's come first;
+    the root reduce-scatters once, after the embedding's): 2 e R. One layer's gradients wait
+    unsharded, in g, for their reduce-scatter."""
     p = s.params
+    if zero == 3:
+        out = {"params": 4 * p / shards, "grads": 4 * p / shards, "optimizer": 8 * p / shards,
+               "gathered": (2 * s.param_elem * s.root_params
+                            + (2 * s.param_elem + s.grad_elem) * s.largest_layer_params)}
+        out["total"] = sum(out.values())
+        return out
     optimizer = 8 * p + (4 * p if s.param_elem != 4 else 0)
     grads = s.grad_elem * p
     if zero >= 1:
-        optimizer /= dp
+        optimizer /= shards
     if zero >= 2:
-        grads /= dp
+        grads /= shards
     out = {"params": s.param_elem * p, "grads": grads, "optimizer": optimizer}
     out["total"] = sum(out.values())
     return out
@@ -230,6 +276,8 @@ class Estimate:
     activations: float
     static: float
     cost: float
+    # bytes offloaded to the host's memory per device (memory.offload: the saved activations)
+    host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -241,17 +289,17 @@ def estimates(cfg: Any, *, on_gpu: bool) -> list[Estimate]:
     # a progressive schedule: each stage's length and CP; the largest need counts
     shapes = [Shape.of(stage_config(cfg, st)) for st in stages(cfg)]
     dims = ParallelDims.from_config(cfg.parallel)
-    static = static_bytes(shapes[0], zero=cfg.optim.zero, dp=dims.dp)["total"]
+    static = static_bytes(shapes[0], zero=cfg.optim.zero, shards=dims.cp * dims.dp)["total"]
     out = []
     for policy in CANDIDATES:
         if policy.offload and not on_gpu:
             continue
         # offloaded: the saved tensors live on the host; the rest stays on the device
-        need = max(activation_bytes(s, policy)["total"]
-                   - (activation_bytes(s, policy)["layers"] if policy.offload else 0.0)
-                   for s in shapes)
+        acts = [activation_bytes(s, policy) for s in shapes]
+        host = max(a["layers"] for a in acts) if policy.offload else 0.0
+        need = max(a["total"] - (a["layers"] if policy.offload else 0.0) for a in acts)
         cost = max(recompute_cost(s, policy) for s in shapes)
-        out.append(Estimate(policy, need, static, cost))
+        out.append(Estimate(policy, need, static, cost, host))
     return out
 
 

@@ -31,6 +31,8 @@ class Cluster:
     linear_eff: Optional[float] = None
     # a device's link to host memory (memory.offload's traffic); None: no offloading
     host: Optional[Link] = None
+    # host memory a device's offloaded activations may take (GiB); None: no limit
+    host_memory_gib: Optional[float] = None
 
     @property
     def devices(self) -> int:
@@ -44,12 +46,14 @@ class Cluster:
 # H100 SXM: 989 dense bf16 TFLOP/s; NVLink 4 = 450 GB/s per direction per GPU; one 400 Gb/s
 # (50 GB/s) InfiniBand NIC per GPU; achieved fractions typical of large GEMMs (~60%) and of
 # flash-attention fwd+bwd (~45%) on H100, lightning attention assumed at 30%; 80 GiB HBM;
-# PCIe Gen5 x16 to the host, 64 GB/s nominal, ~50 GB/s reached with pinned memory. These are
+# PCIe Gen5 x16 to the host, 64 GB/s nominal, ~50 GB/s reached with pinned memory; 2 TB of
+# host memory per node of 8 (DGX H100), of which offloaded activations may take 3/4, the
+# rest left to the process, the loader and the pinned staging buffers. These are
 # specification bandwidths (NCCL reaches ~80% of them on large messages): communication
 # here is a lower bound.
 _H100 = dict(peak_tflops=989.0, gemm_eff=0.6, attn_eff=0.45, linear_eff=0.3,
              intra=Link(450.0, 3e-6), inter=Link(50.0, 10e-6), memory_gib=80.0,
-             host=Link(50.0, 10e-6))
+             host=Link(50.0, 10e-6), host_memory_gib=0.75 * 2048 / 8)
 PRESETS = {
     "h100-8x8-ib400": Cluster("h100-8x8-ib400", nodes=8, devices_per_node=8, **_H100),
     "h100-1x8": Cluster("h100-1x8", nodes=1, devices_per_node=8, **_H100),

@@ -41,10 +41,23 @@ balances causal work, so every rank gets 1/c of a layer's attention):
   backward. lasp1: the state chain visits the 2c zigzag chunks (ranks 0..c-1, then back):
   2 (c-1) hops between ranks, serialized, forward and again backward.
 - TP (megatron, no sequence parallelism): 2 all-reduces of `[b T/c, h]` forward, 2 backward.
-- DP: the gradients of one rank's parameters (1/t of the model, in
-  `optim.grad_reduce_dtype`: fp32 by default, the parameters' dtype with `param`) all-reduced
-  over CP x DP, `Cluster.dp_overlap` of it hidden behind the backward (the loop's buckets
-  start as they fill; the presets keep 0 until a GPU measures the overlap).
+- DP (optim.zero 0-2): the gradients of one rank's parameters (1/t of the model, in
+  `optim.grad_reduce_dtype`: fp32 by default, the parameters' dtype with `param`; ZeRO-1/2:
+  the parameters' dtype) all-reduced over CP x DP, `Cluster.dp_overlap` of it hidden behind
+  the backward (the loop's buckets start as they fill; the presets keep 0 until a GPU
+  measures the overlap). ZeRO-1/2's reduce-scatter of the gradients and all-gather of the
+  updated parameters move the same bytes as that all-reduce, so they are counted as one.
+- FSDP (optim.zero=3), per micro-batch, over the N = c x dp ranks of CP x DP, units the root
+  (embedding, final norm, LM head; R parameters) and each decoder layer (Lx): all-gathers
+  of the parameters (a rank's 1/N of a unit, in e) in the forward, the layers' again in the
+  backward (the root stays gathered), and reduce-scatters of every unit's gradients (in
+  `optim.grad_reduce_dtype`): (2 e P - e R + g P) (N-1)/N bytes per rank, P a rank's
+  parameters. Prefetch overlaps the next layer's gather with this layer's compute: exposed
+  are the root's and the first layer's gather forward, the first layer's backward, each
+  further layer's gather beyond one layer's forward compute and each gather plus
+  reduce-scatter beyond one layer's backward compute (2x the forward), and the last layer's
+  and the root's reduce-scatters. The recomputed forward only lengthens the backward: not
+  counted as hiding anything.
 
 Memory policy: the planner's recompute factor multiplies the compute; with memory.offload
 the saved activations go to the host (`Cluster.host`) during the forward and come back
@@ -72,7 +85,8 @@ from longtrain.memory.estimate import Policy, Shape, activation_bytes, recompute
 from longtrain.model.flops import step_flops
 from longtrain.model.llama import ModelShape
 from longtrain.observability.flops import causal_pairs, layer_attention_forward
-from longtrain.parallel.collective_cost import AttentionShape, Link, RingDetail, all_reduce
+from longtrain.parallel.collective_cost import (AttentionShape, Link, RingDetail, all_gather,
+                                                all_reduce, reduce_scatter)
 from longtrain.planning.cluster import Cluster
 
 
@@ -140,6 +154,23 @@ def linear_comm(backend: str, *, q_heads: int, head_dim: int, batch: int, c: int
                       attention=_attention_cfg(backend))[0]
 
 
+def fsdp_comm(s: Shape, *, n: int, link: Link, fwd_layer_s: float) -> float:
+    """Exposed seconds of optim.zero=3's gathers and reduce-scatters over n ranks for one
+    micro-batch's forward and backward on one rank (`s`: that rank's shape; `fwd_layer_s`:
+    one decoder layer's forward compute). See the module docstring."""
+    if n <= 1:
+        return 0.0
+    e, g, lx = s.param_elem, s.grad_elem, s.largest_layer_params
+    gather_root = all_gather(e * s.root_params / n, n, link)
+    gather = all_gather(e * lx / n, n, link)
+    scatter = reduce_scatter(g * lx, n, link)
+    scatter_root = reduce_scatter(g * s.root_params, n, link)
+    later = s.layers - 1
+    forward = gather_root + gather + later * max(0.0, gather - fwd_layer_s)
+    backward = gather + later * max(0.0, gather + scatter - 2 * fwd_layer_s)
+    return forward + backward + scatter + scatter_root
+
+
 # ----------------------------------------------------------------- a step
 
 
@@ -155,8 +186,12 @@ class Prediction:
     # whether ring K/V hops hide behind block compute (None: no ring)
     ring_hidden: Optional[bool] = None
     memory_gib: Optional[float] = None
+    # the activations offloaded to the host per device (memory.offload)
+    host_gib: Optional[float] = None
     memory_policy: str = ""
     overrides: str = ""
+    # optim.zero of the layout
+    zero: int = 0
 
     @property
     def exposed_s(self) -> float:
@@ -173,6 +208,8 @@ def layout_overrides(cfg: Any) -> str:
     """The overrides selecting this layout (and its memory policy, unless none)."""
     out = (f"parallel.tp={cfg.parallel.tp} parallel.cp={cfg.parallel.cp} "
            f"attention={cfg.attention.backend}")
+    if cfg.optim.zero:
+        out += f" optim.zero={cfg.optim.zero}"
     mem = cfg.memory
     if mem.activations != "none":
         out += f" memory.activations={mem.activations}"
@@ -234,17 +271,22 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     tp_s = m.num_layers * 4 * all_reduce(act, tp, tp_link)
 
     # the gradients travel in optim.grad_reduce_dtype (Shape.grad_elem)
-    grads = Shape.of(cfg)
-    dp_s = all_reduce(grads.params * grads.grad_elem, c * dp, cluster.link(world)) * (1 - cluster.dp_overlap)
-
+    rank = Shape.of(cfg)
     mem = cfg.memory
     policy = Policy(mem.activations, mem.checkpointing, mem.offload and cluster.host is not None)
     if cost is None:
-        cost = recompute_cost(Shape.of(cfg), policy)
+        cost = recompute_cost(rank, policy)
     compute = micro * (matmul_s + attention_s) * cost
-    comm = {"tp": micro * tp_s, "cp": micro * cp_s, "dp": dp_s}
+    comm = {"tp": micro * tp_s, "cp": micro * cp_s}
+    if cfg.optim.zero == 3:
+        fwd_layer_s = (matmul_s + attention_s) / 3 / m.num_layers
+        comm["fsdp"] = micro * fsdp_comm(rank, n=c * dp, link=cluster.link(world),
+                                         fwd_layer_s=fwd_layer_s)
+    else:
+        comm["dp"] = (all_reduce(rank.params * rank.grad_elem, c * dp, cluster.link(world))
+                      * (1 - cluster.dp_overlap))
     if policy.offload:
-        moved = cluster.host.time(activation_bytes(Shape.of(cfg), policy)["layers"])
+        moved = cluster.host.time(activation_bytes(rank, policy)["layers"])
         fwd = (matmul_s + attention_s) / 3
         comm["offload"] = micro * (max(0.0, moved - fwd) + max(0.0, moved - 2 * fwd))
     step = compute + sum(comm.values())
@@ -252,4 +294,5 @@ def predict(cfg: Any, cluster: Cluster, *, cost: Optional[float] = None) -> Pred
     return Prediction(describe_layout(cfg), step, compute, comm,
                       tokens_per_s=cfg.data.batch_size * t_len / step,
                       mfu=total.total / step / (world * peak), ring_hidden=ring_hidden,
-                      memory_policy=policy.name, overrides=layout_overrides(cfg))
+                      memory_policy=policy.name, overrides=layout_overrides(cfg),
+                      zero=cfg.optim.zero)
