@@ -46,18 +46,18 @@ def shard_model(model: nn.Module, runtime: Any, *, reduce_dtype: str = "fp32") -
     compute = next(model.parameters()).dtype
     tags = {name: {t: getattr(p, t) for t in _TAGS if hasattr(p, t)}
             for name, p in model.named_parameters()}
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
     policy = MixedPrecisionPolicy(
         param_dtype=None if compute == torch.float32 else compute,
         reduce_dtype=torch.float32 if reduce_dtype == "fp32" else compute,
         cast_forward_inputs=False)
     mesh = DeviceMesh.from_group(runtime.dp_cp_group, runtime.device.type)
     layers = list(model.layers)
+    # unit by unit: a unit's parameters become fp32 just before it is sharded, so the model
+    # exists in fp32 one layer at a time, never whole
     for layer in layers:
+        _to_fp32(layer)
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    _to_fp32(model)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for layer, following in zip(layers, layers[1:]):
         layer.set_modules_to_forward_prefetch([following])
@@ -68,6 +68,13 @@ def shard_model(model: nn.Module, runtime: Any, *, reduce_dtype: str = "fp32") -
     for name, p in model.named_parameters():
         for tag, value in tags[name].items():
             setattr(p, tag, value)
+
+
+@torch.no_grad()
+def _to_fp32(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
