@@ -358,7 +358,9 @@ def cluster_rows(cluster_name: str, workloads: list[tuple[str, int, int]]) -> li
             row = _layout_row(cand, model, length, cluster, found[0] if found else None)
             rows[row.layout] = row
         for rank, p in enumerate(best, 1):
-            if p.layout not in rows:
+            # a listed layout that fits only fully sharded (recommend tries optim.zero=3)
+            # shows the sharded prediction
+            if p.layout not in rows or rows[p.layout].step_s is None:
                 rows[p.layout] = LayoutRow(model, length, p.layout, p.overrides, p.step_s,
                                            p.compute_s, dict(p.comm_s), p.tokens_per_s, p.mfu,
                                            p.ring_hidden, p.memory_policy, p.memory_gib or 0.0)
