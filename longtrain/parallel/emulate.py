@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,12 +109,22 @@ _CALLS = ("send", "recv", "isend", "irecv", "all_reduce", "all_gather",
 
 
 @contextlib.contextmanager
-def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0
-                   ) -> Iterator[None]:
+def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0,
+                   tally: Optional[dict[str, float]] = None) -> Iterator[None]:
     """While active, each communicating call takes at least `dilation` x its collective_cost
-    time on `link_of(group)` (group None: the default group). See the module docstring."""
+    time on `link_of(group)` (group None: the default group). See the module docstring.
+    `tally`, if given, sums the link seconds before dilation ('seconds') of the receives and
+    collectives (a send travels alongside its peer's receive, so it is not counted twice) and
+    counts them ('calls')."""
     if dilation < 0:
         raise ValueError(f"dilation={dilation} must be >= 0")
+
+    def charged(seconds: float, *, send: bool = False) -> float:
+        """The dilated time of a call whose link time is `seconds`, tallied."""
+        if tally is not None and not send:
+            tally["seconds"] = tally.get("seconds", 0.0) + seconds
+            tally["calls"] = tally.get("calls", 0) + 1
+        return dilation * seconds
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(fn).parameters)
@@ -125,7 +135,8 @@ def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0
             if group is None and group_at is not None and len(args) > group_at:
                 group = args[group_at]
             c = dist.get_world_size(group)
-            seconds = dilation * link_seconds(name, args, kwargs, c=c, link=link_of(group))
+            seconds = charged(link_seconds(name, args, kwargs, c=c, link=link_of(group)),
+                              send=name in ("send", "isend"))
             start = time.perf_counter()
             receive = name in ("recv", "irecv")
             if name in ("isend", "irecv") or kwargs.get("async_op"):
@@ -149,7 +160,8 @@ def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0
         link = link_of(group)
         start = time.perf_counter()
         # the ops travel side by side: each takes its own link time from the start
-        return [_DelayedWork(w, start, dilation * cc.p2p(_nbytes(op.tensor), link),
+        return [_DelayedWork(w, start, charged(cc.p2p(_nbytes(op.tensor), link),
+                                               send=op.op not in receivers),
                              receive=op.op in receivers)
                 for w, op in zip(batch(ops), ops)]
 
