@@ -55,15 +55,20 @@ def _config(rt: Any, out: str, *, zero: int, sp: Optional[bool], precision: str,
 
 
 def _held_bytes(state: Any) -> list[int]:
-    """Bytes of parameters and of AdamW moments this rank holds."""
+    """Bytes of the parameters this rank holds, and of its optimizer state (AdamW moments,
+    and fp32 masters where they are not the parameters themselves)."""
     from longtrain.checkpoint.chunks import held_parts
 
-    def nbytes(held: Any) -> int:
-        return sum(t.nbytes for _, t in held_parts(held))
+    def storages(holders: list[Any]) -> dict[tuple[int, int], int]:
+        # by address and size: DeepSpeed's parameters are views into one flat buffer
+        return {(t.data_ptr(), t.nbytes): t.nbytes
+                for held in holders for _, t in held_parts(held)}
 
-    moments = sum(nbytes(h["exp_avg"]) + nbytes(h["exp_avg_sq"])
-                  for h in state.optimizer.held_state())
-    return [sum(nbytes(p.detach()) for p in state.model.parameters()), moments]
+    held = state.optimizer.held_state()
+    params = storages([p.detach() for p in state.model.parameters()])
+    optimizer = storages([h[k] for h in held for k in ("exp_avg", "exp_avg_sq", "master")])
+    return [sum(params.values()),
+            sum(n for ptr, n in optimizer.items() if ptr not in params)]
 
 
 def _world(rt: Any, runs: list[dict[str, Any]], out: str) -> None:
@@ -164,14 +169,39 @@ def test_resume_across_layouts_and_sharding_levels_continues_the_curve(worlds, l
     _check(runs[name]["curve"], runs["plain"]["curve"])
 
 
-def test_full_sharding_holds_a_share_of_the_model_state(worlds) -> None:
-    """Over CP x DP = 4 ranks each FSDP rank holds about a quarter of the parameters and
-    AdamW moments of a plain rank; ZeRO-1 a quarter of the moments only; at TP2 x DP2 FSDP
-    halves what each TP shard holds."""
-    runs = worlds["CP2xDP2"]
-    (p0, o0), (p3, o3), (p1, o1) = (runs[n]["held"][0] for n in ("plain", "fsdp", "zero1"))
-    assert 0.22 <= p3 / p0 <= 0.28 and 0.22 <= o3 / o0 <= 0.28, (p3 / p0, o3 / o0)
-    assert p1 == p0 and 0.22 <= o1 / o0 <= 0.28, (p1 / p0, o1 / o0)
-    runs = worlds["TP2xDP2"]
-    (p0, o0), (p3, o3) = (runs[n]["held"][0] for n in ("plain", "fsdp"))
-    assert 0.45 <= p3 / p0 <= 0.55 and 0.45 <= o3 / o0 <= 0.55, (p3 / p0, o3 / o0)
+def _planned(tp: int, cp: int, zero: int) -> tuple[float, float]:
+    """The planner's parameter and optimizer-state bytes per rank for a world of this file."""
+    from types import SimpleNamespace
+
+    from longtrain.memory.estimate import Shape, static_bytes
+    from longtrain.parallel.dims import ParallelDims
+
+    rt = SimpleNamespace(dims=ParallelDims(world_size=4, tp=tp, cp=cp))
+    cfg = _config(rt, "", zero=zero, sp=False, precision="fp32", save_dir="", resume="never")
+    parts = static_bytes(Shape.of(cfg), zero=zero, shards=4 // tp)
+    return parts["params"], parts["optimizer"]
+
+
+@pytest.mark.parametrize("layout,tp,cp,runs", [
+    ("CP2xDP2", 1, 2, {"plain": 0, "fsdp": 3, "zero1": 1}),
+    ("TP2xDP2", 2, 1, {"plain": 0, "fsdp": 3, "zero2": 2})])
+def test_sharded_model_state_per_rank_is_what_the_planner_counts(worlds, layout, tp, cp,
+                                                                 runs) -> None:
+    """Over CP x DP = N ranks each FSDP rank holds 1/N of the parameters and optimizer state
+    of a plain rank, ZeRO-1/2 1/N of the optimizer state (its moments and its own fp32
+    master partition); every rank's bytes are within 5% of the planner's (uneven shards and
+    DeepSpeed's alignment padding)."""
+    got = worlds[layout]
+    n = 4 // tp
+    (p0, o0) = got["plain"]["held"][0]
+    for name, zero in runs.items():
+        for params, optimizer in got[name]["held"]:
+            plan_p, plan_o = _planned(tp, cp, zero)
+            assert abs(params / plan_p - 1) < 0.05, (name, params, plan_p)
+            assert abs(optimizer / plan_o - 1) < 0.05, (name, optimizer, plan_o)
+        params, optimizer = got[name]["held"][0]
+        if zero == 3:
+            assert abs(params * n / p0 - 1) < 0.05 and abs(optimizer * n / o0 - 1) < 0.05
+        elif zero:
+            # the moments and a master partition: 12 / N bytes per parameter against 8
+            assert params == p0 and abs(optimizer * n / o0 - 1.5) < 0.05

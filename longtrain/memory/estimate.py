@@ -214,7 +214,8 @@ def static_bytes(s: Shape, *, zero: int = 0, shards: int = 1) -> dict[str, float
     CP x DP group (cp * dp), for ZeRO-1/2 (DeepSpeed's data-parallel group) and ZeRO-3 alike.
 
     P = `s.params` (this TP rank's), e its element size (2 in bf16 runs, 4 in fp32), g the
-    gradients' (`s.grad_elem`), m = 4 in bf16 runs (the fp32 master copy), 0 in fp32; R the
+    gradients' (`s.grad_elem`), m = 4 in bf16 runs (the fp32 master copy), 0 in fp32 (but
+    always 4 under ZeRO-1/2: DeepSpeed keeps an fp32 partition of its own); R the
     root's parameters (embedding, final norm, LM head), Lx the largest decoder layer's:
 
     | part | zero 0 | zero 1 | zero 2 | zero 3 |
@@ -237,7 +238,7 @@ def static_bytes(s: Shape, *, zero: int = 0, shards: int = 1) -> dict[str, float
                             + (2 * s.param_elem + s.grad_elem) * s.largest_layer_params)}
         out["total"] = sum(out.values())
         return out
-    optimizer = 8 * p + (4 * p if s.param_elem != 4 else 0)
+    optimizer = 8 * p + (4 * p if s.param_elem != 4 or zero in (1, 2) else 0)
     grads = s.grad_elem * p
     if zero >= 1:
         optimizer /= shards

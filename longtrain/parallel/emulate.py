@@ -45,33 +45,37 @@ def _nbytes(x: Any) -> float:
     return 0.0
 
 
+def _p2p(n: float, c: int, link: cc.Link) -> float:
+    return cc.p2p(n, link)
+
+
+# name -> (collective_cost formula, the position and keyword of the tensor(s) it sizes by)
+_FORMULAS: dict[str, tuple[Callable[[float, int, cc.Link], float], int, str]] = {
+    "send": (_p2p, 0, "tensor"), "recv": (_p2p, 0, "tensor"),
+    "isend": (_p2p, 0, "tensor"), "irecv": (_p2p, 0, "tensor"),
+    "broadcast": (_p2p, 0, "tensor"), "reduce": (_p2p, 0, "tensor"),
+    "all_reduce": (cc.all_reduce, 0, "tensor"),
+    "all_gather": (cc.all_gather, 1, "tensor"),
+    "all_gather_into_tensor": (cc.all_gather, 1, "input_tensor"),
+    "reduce_scatter": (cc.reduce_scatter, 1, "input_list"),
+    "reduce_scatter_tensor": (cc.reduce_scatter, 1, "input"),
+    "all_to_all_single": (cc.all_to_all, 1, "input"),
+    "all_to_all": (cc.all_to_all, 1, "input_tensor_list"),
+}
+
+
 def link_seconds(name: str, args: tuple, kwargs: dict, *, c: int, link: cc.Link) -> float:
     """The collective_cost time of one call of `torch.distributed.<name>` over a group of c
     ranks on `link` (0 for calls that move nothing)."""
-    def arg(i: int, key: str) -> Any:
-        return kwargs.get(key, args[i] if len(args) > i else None)
-
-    if name in ("send", "recv", "isend", "irecv"):
-        return cc.p2p(_nbytes(arg(0, "tensor")), link)
-    if name == "all_reduce":
-        return cc.all_reduce(_nbytes(arg(0, "tensor")), c, link)
-    if name == "all_gather":
-        return cc.all_gather(_nbytes(arg(1, "tensor")), c, link)
-    if name == "all_gather_into_tensor":
-        return cc.all_gather(_nbytes(arg(1, "input_tensor")), c, link)
-    if name == "reduce_scatter":
-        return cc.reduce_scatter(_nbytes(arg(1, "input_list")), c, link)
-    if name == "reduce_scatter_tensor":
-        return cc.reduce_scatter(_nbytes(arg(1, "input")), c, link)
-    if name == "all_to_all_single":
-        return cc.all_to_all(_nbytes(arg(1, "input")), c, link)
-    if name == "all_to_all":
-        return cc.all_to_all(_nbytes(arg(1, "input_tensor_list")), c, link)
-    if name in ("broadcast", "reduce"):
-        return cc.p2p(_nbytes(arg(0, "tensor")), link)
     if name == "barrier":
         return link.latency_s if c > 1 else 0.0
-    return 0.0
+    if name not in _FORMULAS:
+        return 0.0
+    formula, at, key = _FORMULAS[name]
+    sized = kwargs.get(key, args[at] if len(args) > at else None)
+    if formula is not _p2p and c <= 1:
+        return 0.0
+    return formula(_nbytes(sized), c, link)
 
 
 # a real wait longer than this waited for the sender (loopback moves the bytes in less)
@@ -103,9 +107,7 @@ def _sleep_until(t: float) -> None:
         time.sleep(left)
 
 
-_CALLS = ("send", "recv", "isend", "irecv", "all_reduce", "all_gather",
-          "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-          "all_to_all_single", "all_to_all", "broadcast", "reduce", "barrier")
+_CALLS = (*_FORMULAS, "barrier")
 
 
 @contextlib.contextmanager
