@@ -28,6 +28,10 @@ ADAM_UPDATE_RTOL = 5e-3
 COMPILE_RTOL = 1e-5
 # bf16 forward/backward against float32: 8 mantissa bits.
 BF16_RTOL = 3e-2
+# Two bf16 runs whose compute weights round from the same fp32 masters (plain mixed precision
+# and FSDP's bf16 gather): the gradient sums differ in order and in fp32 vs bf16 staging;
+# observed <= ~5e-4 on the loss over 20 steps. A wrong shard or scale is O(1).
+BF16_LAYOUT_RTOL = 2e-3
 # Denominator floor of rel_err.
 ABS_FLOOR = 1e-6
 

@@ -186,7 +186,8 @@ class OptimConfig:
     # parameters' dtype, e.g. bf16: half the bytes on the wire, bf16 rounding in the sum)
     grad_reduce_dtype: str = "fp32"
     # MiB of parameters per gradient bucket: each bucket's all-reduce starts as soon as its
-    # gradients are complete, overlapping the rest of the backward
+    # gradients are complete, overlapping the rest of the backward (ZeRO-1/2: DeepSpeed's
+    # reduce and all-gather buckets, as many fp32 elements)
     grad_bucket_mb: float = 25.0
 
 

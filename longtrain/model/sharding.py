@@ -168,7 +168,9 @@ def _gather_dim(local: torch.Tensor, *, dim: int, tp: int, group) -> list[torch.
 @torch.no_grad()
 def iter_canonical(model: LlamaModel, *, group=None, grads: bool = False
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (canonical name, full tensor) on every TP rank (a collective: all ranks call it).
+    """Yield (canonical name, full tensor) on every TP rank (a collective: all ranks call it;
+    under optim.zero=3 also over CP x DP, each parameter gathered from its shards one at a
+    time).
 
     With `grads=True` the parameters' gradients are gathered instead (zeros where None).
     """

@@ -16,6 +16,9 @@ chain of hops, each rank waiting on the one before), the link time is added afte
 arrival; when the message was already here (ring's exchange, posted by both sides at once,
 waited on after the block's compute), it counts from the receive's start.
 
+The delays are host-side sleeps: meant for gloo on CPU, where a call's return is its
+completion (on CUDA they would not delay the stream).
+
 `dilation` stretches every link time: a CPU computes ~1000x slower than the GPU the preset
 describes, so to keep the ratio of compute to communication the link is slowed by the same
 factor (`dilation_for`: the preset's achieved GEMM rate over this machine's).
@@ -130,18 +133,19 @@ def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0,
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(fn).parameters)
-        group_at = params.index("group") if "group" in params else None
+
+        def given(key: str, args: tuple, kwargs: dict) -> Any:
+            at = params.index(key) if key in params else None
+            return kwargs.get(key, args[at] if at is not None and len(args) > at else None)
 
         def delayed(*args: Any, **kwargs: Any) -> Any:
-            group = kwargs.get("group")
-            if group is None and group_at is not None and len(args) > group_at:
-                group = args[group_at]
+            group = given("group", args, kwargs)
             c = dist.get_world_size(group)
             seconds = charged(link_seconds(name, args, kwargs, c=c, link=link_of(group)),
                               send=name in ("send", "isend"))
             start = time.perf_counter()
             receive = name in ("recv", "irecv")
-            if name in ("isend", "irecv") or kwargs.get("async_op"):
+            if name in ("isend", "irecv") or given("async_op", args, kwargs):
                 out = fn(*args, **kwargs)
                 return None if out is None else _DelayedWork(out, start, seconds,
                                                              receive=receive)
@@ -161,11 +165,16 @@ def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0,
         group = getattr(ops[0], "group", None) if ops else None
         link = link_of(group)
         start = time.perf_counter()
+        seconds = [charged(cc.p2p(_nbytes(op.tensor), link), send=op.op not in receivers)
+                   for op in ops]
+        works = batch(ops)
+        if len(works) != len(ops):
+            # a backend that coalesces the batch into one work (NCCL): the slowest op's time
+            return [_DelayedWork(w, start, max(seconds, default=0.0), receive=True)
+                    for w in works]
         # the ops travel side by side: each takes its own link time from the start
-        return [_DelayedWork(w, start, charged(cc.p2p(_nbytes(op.tensor), link),
-                                               send=op.op not in receivers),
-                             receive=op.op in receivers)
-                for w, op in zip(batch(ops), ops)]
+        return [_DelayedWork(w, start, t, receive=op.op in receivers)
+                for w, t, op in zip(works, seconds, ops)]
 
     wrappers = {n: wrap(n, getattr(dist, n)) for n in _CALLS if hasattr(dist, n)}
     wrappers["batch_isend_irecv"] = batch_isend_irecv

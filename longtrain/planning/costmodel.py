@@ -50,10 +50,10 @@ balances causal work, so every rank gets 1/c of a layer's attention):
 - FSDP (optim.zero=3), per micro-batch, over the N = c x dp ranks of CP x DP, units the root
   (embedding, final norm, LM head; R parameters) and each decoder layer (Lx): all-gathers
   of the parameters (a rank's 1/N of a unit, in e) in the forward, the layers' again in the
-  backward (the root stays gathered), and reduce-scatters of every unit's gradients (in
-  `optim.grad_reduce_dtype`): (2 e P - e R + g P) (N-1)/N bytes per rank, P a rank's
-  parameters. Prefetch overlaps the next layer's gather with this layer's compute: exposed
-  are the root's and the first layer's gather forward, the first layer's backward, each
+  backward but the last one's (it and the root stay gathered), and reduce-scatters of every
+  unit's gradients (in `optim.grad_reduce_dtype`): (2 e P - e R - e Lx + g P) (N-1)/N bytes
+  per rank, P a rank's parameters. Prefetch overlaps the next layer's gather with this
+  layer's compute: exposed are the root's and the first layer's gather forward, each
   further layer's gather beyond one layer's forward compute and each gather plus
   reduce-scatter beyond one layer's backward compute (2x the forward), and the last layer's
   and the root's reduce-scatters. The recomputed forward only lengthens the backward: not
@@ -167,7 +167,8 @@ def fsdp_comm(s: Shape, *, n: int, link: Link, fwd_layer_s: float) -> float:
     scatter_root = reduce_scatter(g * s.root_params, n, link)
     later = s.layers - 1
     forward = gather_root + gather + later * max(0.0, gather - fwd_layer_s)
-    backward = gather + later * max(0.0, gather + scatter - 2 * fwd_layer_s)
+    # the last layer stays gathered from its forward to its backward (train.fsdp)
+    backward = later * max(0.0, gather + scatter - 2 * fwd_layer_s)
     return forward + backward + scatter + scatter_root
 
 

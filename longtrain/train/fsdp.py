@@ -21,7 +21,9 @@ reduce-scattered in fp32 unless `optim.grad_reduce_dtype=param`.
 
 Our loss is divided by the global target count, so gradients are summed over CP x DP: the
 gradient divide factor is 1. Gradients are reduce-scattered after every micro-batch, as
-ZeRO-3 does (no unsharded gradient outlives one layer's backward).
+ZeRO-3 does: a layer's unsharded gradients live until its backward ends, the root's (the
+embedding's and the head's) until the whole backward does. The last layer stays gathered
+from its forward to its backward, which follows at once (as torchtitan does).
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def shard_model(model: nn.Module, runtime: Any, *, reduce_dtype: str = "fp32") -
     layers = list(model.layers)
     # unit by unit: a unit's parameters become fp32 just before it is sharded, so the model
     # exists in fp32 one layer at a time, never whole
-    for layer in layers:
+    for i, layer in enumerate(layers):
         _to_fp32(layer)
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        # the last layer's backward comes right after its forward: no re-gather
+        fully_shard(layer, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=i < len(layers) - 1)
     _to_fp32(model)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for layer, following in zip(layers, layers[1:]):

@@ -14,9 +14,7 @@ from longtrain.config.schema import OptimConfig
 from longtrain.train.fsdp import local, shard_model
 from longtrain.train.grad_reduce import GradReducer, sum_flat
 from longtrain.train.lr import decay_groups, lr_at
-from longtrain.train.zero import ZeroOptimizer
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from longtrain.train.zero import MOMENTS, ZeroOptimizer
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, runtime=None,
@@ -155,8 +153,9 @@ class Optimizer:
 
     @property
     def step_count(self) -> int:
-        states = [self.inner.state[m] for m in self.master if self.inner.state[m]]
-        return int(states[0]["step"]) if states else 0
+        """AdamW's step count (the largest: a parameter that never had a gradient has none)."""
+        return max((int(self.inner.state[m]["step"]) for m in self.master
+                    if self.inner.state[m]), default=0)
 
     @torch.no_grad()
     def loaded(self, step: int) -> None:
@@ -215,7 +214,11 @@ class ShardedOptimizer(Optimizer):
         self.shard_group = runtime.dp_cp_group
 
     def set_group(self, group: Any) -> None:
-        """A schedule that changes CP is refused with ZeRO (planning.validate): nothing to do."""
+        """The shards live on the CP x DP group they were made on: a schedule that changes CP
+        is refused with ZeRO (planning.validate), and any other group is an error."""
+        if group is not None and self.shard_group is not None and group is not self.shard_group:
+            raise ValueError("optim.zero=3 shards the model over one CP x DP group; a schedule "
+                             "stage may not change parallel.cp (planning.validate refuses it)")
 
     def reduce_gradients(self, *, group: Any) -> None:
         """FSDP reduce-scattered the gradients during the backward."""

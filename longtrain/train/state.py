@@ -14,7 +14,8 @@ from longtrain.checkpoint.native import (CheckpointError, canonical_views, model
                                          read_manifest, write_checkpoint)
 from longtrain.model.llama import LlamaModel
 from longtrain.parallel.runtime import ParallelRuntime
-from longtrain.train.optim import MOMENTS, Optimizer
+from longtrain.train.optim import Optimizer
+from longtrain.train.zero import MOMENTS
 
 def _train_state_dict(model: LlamaModel, optimizer: Optimizer, *,
                       rank_key: str) -> dict[str, Any]:

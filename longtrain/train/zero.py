@@ -29,7 +29,8 @@ from longtrain.config.schema import OptimConfig
 from longtrain.parallel.deepspeed_comm import ensure_deepspeed_comm
 from longtrain.train.lr import decay_groups, lr_at
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+# the AdamW state a checkpoint keeps per parameter, besides its fp32 master
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class _Mpu:
@@ -80,11 +81,16 @@ class ZeroOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mixed = any(p.dtype != torch.float32 for p in self.params)
         self.group_size = runtime.dims.dp * runtime.dims.cp
+        bucket = max(1, int(cfg.grad_bucket_mb * 2 ** 20 / 4))  # fp32 elements
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": max(1, micro_batches),
             "zero_optimization": {"stage": cfg.zero, "overlap_comm": False,
-                                  "contiguous_gradients": True, "reduce_scatter": True},
+                                  "contiguous_gradients": True, "reduce_scatter": True,
+                                  # DeepSpeed's default buckets hold 5e8 elements (2 GB in
+                                  # fp32): sized like our own gradient buckets instead
+                                  "reduce_bucket_size": bucket,
+                                  "allgather_bucket_size": bucket},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.eps,
                 "weight_decay": cfg.weight_decay, "torch_adam": True}},
@@ -142,7 +148,7 @@ class ZeroOptimizer:
         for part in zero.single_partition_of_fp32_groups:
             state = zero.optimizer.state[part]
             state["step"] = torch.tensor(float(step))
-            for key in _MOMENTS:
+            for key in MOMENTS:
                 if key not in state:
                     state[key] = torch.zeros_like(part, memory_format=torch.preserve_format)
         self._relink_optimizer_state()
@@ -159,13 +165,13 @@ class ZeroOptimizer:
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:
                 empty = Fragment(tuple(p.shape), 0, torch.empty(0, dtype=torch.float32))
-                out.append({key: empty for key in ("master", *_MOMENTS)})
+                out.append({key: empty for key in ("master", *MOMENTS)})
                 continue
             start = mapping.lp_fragment_address.start
             out.append({"master": Fragment(tuple(p.shape), start, mapping.hp_fragment.data),
                         **{key: Fragment(tuple(p.shape), start,
                                          mapping.get_optim_state_fragment(key))
-                           for key in _MOMENTS}})
+                           for key in MOMENTS}})
         return out
 
     @property
