@@ -7,7 +7,8 @@ Three spawned worlds of four ranks, run in order (each resumes from the one befo
 - A (TP2 x CP2, two micro-batches per rank): plain, SP, FSDP, FSDP + SP; the FSDP + SP run saves at step 10.
 - B (TP2 x DP2): plain, SP, FSDP, FSDP + SP, ZeRO-2 (saves at step 10); A's checkpoint
   resumed with FSDP + SP and with ZeRO-2.
-- C (CP2 x DP2): plain, FSDP, ZeRO-1, bf16 plain and bf16 FSDP;
+- C (CP2 x DP2): plain, FSDP, FSDP with every layer recomputed, ZeRO-1, bf16 plain and bf16
+  FSDP;
   A's checkpoint resumed by the plain optimizer, B's ZeRO-2 one with FSDP.
 
 Each rank also reports the bytes of parameters, gradients and optimizer state it holds.
@@ -31,7 +32,7 @@ NORM_RTOL = 10 * LAYOUT_RTOL
 
 
 def _config(rt: Any, out: str, *, zero: int, sp: Optional[bool], precision: str,
-            save_dir: str, resume: str):
+            save_dir: str, resume: str, checkpointing: str = "none"):
     from longtrain.config.schema import RunConfig
 
     cfg = RunConfig()
@@ -46,6 +47,7 @@ def _config(rt: Any, out: str, *, zero: int, sp: Optional[bool], precision: str,
     # the same global batch in every layout: two micro-batches per rank at DP = 1
     cfg.data.batch_size, cfg.data.micro_batch_size = 2, 1
     cfg.train.steps, cfg.train.precision = STEPS, precision
+    cfg.memory.checkpointing = checkpointing
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.zero = 2, 3e-3, zero
     cfg.optim.grad_clip = 0.5  # active: the global norm of the shards must be right too
     cfg.output_dir = out
@@ -82,7 +84,8 @@ def _world(rt: Any, runs: list[dict[str, Any]], out: str) -> None:
         cfg = _config(rt, os.path.join(out, run["name"]), zero=run.get("zero", 0),
                       sp=run.get("sp", False),
                       precision=run.get("precision", "fp32"), save_dir=run.get("save", ""),
-                      resume=run.get("resume", "never"))
+                      resume=run.get("resume", "never"),
+                      checkpointing=run.get("checkpointing", "none"))
         state = TrainState.create(cfg, rt)
         curve = {m["step"]: (m["loss"], m["grad_norm"]) for m in train(cfg, rt, state=state)}
         held = torch.tensor(_held_bytes(state), dtype=torch.float64)
@@ -116,6 +119,7 @@ def worlds(tmp_path_factory) -> dict[str, Any]:
         tp=2, cp=1)
     c = _spawn(str(root), [
         {"name": "plain"}, {"name": "fsdp", "zero": 3},
+        {"name": "fsdp, full recompute", "zero": 3, "checkpointing": "full"},
         {"name": "zero1", "zero": 1},
         {"name": "bf16 plain", "precision": "bf16"},
         {"name": "bf16 fsdp", "zero": 3, "precision": "bf16"},
