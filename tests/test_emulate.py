@@ -18,18 +18,19 @@ LINK = cc.Link(gbytes_per_s=1.0, latency_s=1e-3)
 def test_each_call_costs_its_collective_formula() -> None:
     t = torch.zeros(1000, dtype=torch.float32)  # 4000 bytes
     n = 4000.0
-    assert link_seconds("isend", (t, 1), {}, c=4, link=LINK) == pytest.approx(LINK.time(n))
-    assert link_seconds("all_reduce", (t,), {}, c=4, link=LINK) == pytest.approx(
+    assert link_seconds("isend", {"tensor": t, "dst": 1}, c=4, link=LINK) == pytest.approx(LINK.time(n))
+    assert link_seconds("all_reduce", {"tensor": t}, c=4, link=LINK) == pytest.approx(
         2 * 3 * LINK.time(n / 4))
-    assert link_seconds("all_gather", ([t] * 4, t), {}, c=4, link=LINK) == pytest.approx(
+    assert link_seconds("all_gather", {"tensor_list": [t] * 4, "tensor": t}, c=4, link=LINK) == pytest.approx(
         3 * LINK.time(n))
-    assert link_seconds("all_gather_into_tensor", (torch.zeros(4000), t), {}, c=4,
+    assert link_seconds("all_gather_into_tensor",
+                        {"output_tensor": torch.zeros(4000), "input_tensor": t}, c=4,
                         link=LINK) == pytest.approx(3 * LINK.time(n))
-    assert link_seconds("reduce_scatter_tensor", (t[:250], t), {}, c=4,
+    assert link_seconds("reduce_scatter_tensor", {"output": t[:250], "input": t}, c=4,
                         link=LINK) == pytest.approx(3 * LINK.time(n / 4))
-    # keyword arguments count like positional ones; a group of one moves nothing
-    assert link_seconds("all_reduce", (), {"tensor": t}, c=4, link=LINK) > 0
-    assert link_seconds("all_reduce", (t,), {}, c=1, link=LINK) == 0.0
+    # a group of one moves nothing
+    assert link_seconds("all_reduce", {"tensor": t}, c=4, link=LINK) > 0
+    assert link_seconds("all_reduce", {"tensor": t}, c=1, link=LINK) == 0.0
 
 
 class _Work:

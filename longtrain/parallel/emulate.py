@@ -52,33 +52,31 @@ def _p2p(n: float, c: int, link: cc.Link) -> float:
     return cc.p2p(n, link)
 
 
-# name -> (collective_cost formula, the position and keyword of the tensor(s) it sizes by)
-_FORMULAS: dict[str, tuple[Callable[[float, int, cc.Link], float], int, str]] = {
-    "send": (_p2p, 0, "tensor"), "recv": (_p2p, 0, "tensor"),
-    "isend": (_p2p, 0, "tensor"), "irecv": (_p2p, 0, "tensor"),
-    "broadcast": (_p2p, 0, "tensor"), "reduce": (_p2p, 0, "tensor"),
-    "all_reduce": (cc.all_reduce, 0, "tensor"),
-    "all_gather": (cc.all_gather, 1, "tensor"),
-    "all_gather_into_tensor": (cc.all_gather, 1, "input_tensor"),
-    "reduce_scatter": (cc.reduce_scatter, 1, "input_list"),
-    "reduce_scatter_tensor": (cc.reduce_scatter, 1, "input"),
-    "all_to_all_single": (cc.all_to_all, 1, "input"),
-    "all_to_all": (cc.all_to_all, 1, "input_tensor_list"),
+# name -> (collective_cost formula, the argument holding the tensor(s) it sizes by)
+_FORMULAS: dict[str, tuple[Callable[[float, int, cc.Link], float], str]] = {
+    "send": (_p2p, "tensor"), "recv": (_p2p, "tensor"), "isend": (_p2p, "tensor"),
+    "irecv": (_p2p, "tensor"), "broadcast": (_p2p, "tensor"), "reduce": (_p2p, "tensor"),
+    "all_reduce": (cc.all_reduce, "tensor"),
+    "all_gather": (cc.all_gather, "tensor"),
+    "all_gather_into_tensor": (cc.all_gather, "input_tensor"),
+    "reduce_scatter": (cc.reduce_scatter, "input_list"),
+    "reduce_scatter_tensor": (cc.reduce_scatter, "input"),
+    "all_to_all_single": (cc.all_to_all, "input"),
+    "all_to_all": (cc.all_to_all, "input_tensor_list"),
 }
 
 
-def link_seconds(name: str, args: tuple, kwargs: dict, *, c: int, link: cc.Link) -> float:
-    """The collective_cost time of one call of `torch.distributed.<name>` over a group of c
-    ranks on `link` (0 for calls that move nothing)."""
+def link_seconds(name: str, arguments: dict[str, Any], *, c: int, link: cc.Link) -> float:
+    """The collective_cost time of one call of `torch.distributed.<name>` (its `arguments`
+    by parameter name) over a group of c ranks on `link` (0 for calls that move nothing)."""
     if name == "barrier":
         return link.latency_s if c > 1 else 0.0
     if name not in _FORMULAS:
         return 0.0
-    formula, at, key = _FORMULAS[name]
-    sized = kwargs.get(key, args[at] if len(args) > at else None)
+    formula, sized_by = _FORMULAS[name]
     if formula is not _p2p and c <= 1:
         return 0.0
-    return formula(_nbytes(sized), c, link)
+    return formula(_nbytes(arguments.get(sized_by)), c, link)
 
 
 # a real wait longer than this waited for the sender (loopback moves the bytes in less)
@@ -132,20 +130,17 @@ def emulated_links(link_of: Callable[[Any], cc.Link], *, dilation: float = 1.0,
         return dilation * seconds
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        params = list(inspect.signature(fn).parameters)
-
-        def given(key: str, args: tuple, kwargs: dict) -> Any:
-            at = params.index(key) if key in params else None
-            return kwargs.get(key, args[at] if at is not None and len(args) > at else None)
+        signature = inspect.signature(fn)
 
         def delayed(*args: Any, **kwargs: Any) -> Any:
-            group = given("group", args, kwargs)
+            arguments = signature.bind(*args, **kwargs).arguments
+            group = arguments.get("group")
             c = dist.get_world_size(group)
-            seconds = charged(link_seconds(name, args, kwargs, c=c, link=link_of(group)),
+            seconds = charged(link_seconds(name, arguments, c=c, link=link_of(group)),
                               send=name in ("send", "isend"))
             start = time.perf_counter()
             receive = name in ("recv", "irecv")
-            if name in ("isend", "irecv") or given("async_op", args, kwargs):
+            if name in ("isend", "irecv") or arguments.get("async_op"):
                 out = fn(*args, **kwargs)
                 return None if out is None else _DelayedWork(out, start, seconds,
                                                              receive=receive)

@@ -17,6 +17,7 @@ from longtrain.parallel.runtime import ParallelRuntime
 from longtrain.train.optim import Optimizer
 from longtrain.train.zero import MOMENTS
 
+
 def _train_state_dict(model: LlamaModel, optimizer: Optimizer, *,
                       rank_key: str) -> dict[str, Any]:
     """The checkpoint's entries as this rank holds them (chunks of the canonical tensors:
