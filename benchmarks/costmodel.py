@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from benchmarks.attention import _reason, _timed, attention_step, machine, run_in_world
 from benchmarks.report import (add_output_args, argument_parser, command_line, compose_config,
-                               join_section, replace_section)
+                               publish)
 
 TITLE = "Cost model: fitted here, checked against measured CP=2 attention, predicting a cluster"
 SIZES = (2**14, 2**16, 2**18, 2**20, 2**22, 2**24)
@@ -497,20 +497,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
              f"layouts and the 3 recommended, fastest first):\n\n" + cluster_table(rows)]
     lines = verdict(checks, collectives, rows, args.cluster)
     print(f"# {machine()}")
-    for part in parts[2:]:
-        print(part + "\n")
-    for line in lines:
-        print(line)
     result = {"fit": asdict(fit),
               "collectives": [asdict(c) for c in collectives],
               "checks": [asdict(c) | {"predicted_s": c.predicted_s} for c in checks],
               "cluster": [asdict(r) for r in rows]}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.out:
-        replace_section(args.out, "costmodel", TITLE, join_section(parts, lines, METHOD))
-        print(f"section written to {args.out}")
+    publish(result, parts=parts, lines=lines, method=METHOD, key="costmodel", title=TITLE,
+            out=args.out, json_path=args.json, shown=2)
     return result
 
 

@@ -17,8 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
-                               replace_section)
+from benchmarks.report import add_output_args, argument_parser, command_line, publish
 
 TITLE = "Emulated inter-node links: LASP-1 vs LASP-2, and ring's overlap, at CP=4"
 CP, HEADS, HEAD_DIM = 4, 4, 64
@@ -192,16 +191,10 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
         raise RuntimeError(f"the emulated-link world failed: {why}")
     rows = [Row(**r) for r in got["rows"]]
     print(f"# {machine()}")
-    print(table(rows))
-    lines = verdicts(rows, got["dilation"])
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(got, f, indent=1)
-    if args.out and not args.quick:
-        replace_section(args.out, "emulated_links", TITLE, join_section(
-            [f"`{command_line('benchmarks.emulated_links', argv)}` on {machine()}.",
-             table(rows)], lines, METHOD))
+    publish(got, parts=[
+        f"`{command_line('benchmarks.emulated_links', argv)}` on {machine()}.", table(rows)],
+        lines=verdicts(rows, got["dilation"]), method=METHOD, key="emulated_links",
+        title=TITLE, out=None if args.quick else args.out, json_path=args.json, shown=1)
     return rows
 
 

@@ -19,8 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from benchmarks.report import (add_output_args, argument_parser, command_line, join_section,
-                               replace_section)
+from benchmarks.report import add_output_args, argument_parser, command_line, publish
 
 TITLE = "Model state per rank: sharding levels, sequence parallelism and checkpoint saves"
 MIB = 2 ** 20
@@ -278,16 +277,10 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     rows = measure([c for c in CASES if not args.quick or c[0] in QUICK])
     print(f"# {machine()}")
-    print(table(rows))
-    lines = verdicts(rows)
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
-    if args.out and not args.quick:
-        replace_section(args.out, "model_state", TITLE, join_section(
-            [f"`{command_line('benchmarks.model_state', argv)}` on {machine()}.", table(rows)],
-            lines, METHOD))
+    publish([asdict(r) for r in rows], parts=[
+        f"`{command_line('benchmarks.model_state', argv)}` on {machine()}.", table(rows)],
+        lines=verdicts(rows), method=METHOD, key="model_state", title=TITLE,
+        out=None if args.quick else args.out, json_path=args.json, shown=1)
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Optional
@@ -68,3 +69,20 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="BENCHMARKS.md",
                    help="markdown file to write the section into ('' = none)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def publish(result: Any, *, parts: list[str], lines: list[str], method: str, key: str,
+            title: str, out: Optional[str], json_path: Optional[str], shown: int = 0) -> None:
+    """A benchmark's ending: print `parts[shown:]` and the verdict `lines`, write `result` to
+    `json_path` and the section (`parts`, `lines`, `method`) under `key` to `out` (each only
+    when given)."""
+    for part in parts[shown:]:
+        print(part + "\n")
+    for line in lines:
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if out:
+        replace_section(out, key, title, join_section(parts, lines, method))
+        print(f"section written to {out}")

@@ -12,12 +12,11 @@ tables.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from benchmarks.report import (add_output_args, argument_parser, command_line, compose_config,
-                               join_section, replace_section)
+                               publish)
 
 TITLE = "Scale table: the planner's layouts for 8B and 70B at 128K-1M tokens on 64-512 H100s"
 PRESET = "h100-8x8-ib400"
@@ -258,18 +257,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
              "Sanity against published figures:\n\n" + sanity_table(titan, megatron)
              + caveat(titan)]
     lines = verdicts(rows, titan, megatron)
-    for part in parts[2:]:
-        print(part + "\n")
-    for line in lines:
-        print(line)
     result = {"rows": [asdict(r) for r in rows], "torchtitan": asdict(titan),
               "megatron": asdict(megatron)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.out:
-        replace_section(args.out, "scale_table", TITLE, join_section(parts, lines, METHOD))
-        print(f"section written to {args.out}")
+    publish(result, parts=parts, lines=lines, method=METHOD, key="scale_table", title=TITLE,
+            out=args.out, json_path=args.json, shown=2)
     return result
 
 
